@@ -1,0 +1,114 @@
+"""Checkpoints: `save_pretrained` folders (safetensors) plus the training state, written atomically.
+
+Training state (optimizer, scheduler, RNG, method state, progress) is stored without pickle: tensors in
+`training_state.safetensors`, everything else in `training_state.json`, with `{"__tensor__": key}`
+placeholders linking the two.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    """Replace every tensor in a nested dict/list by a placeholder and collect it in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        # JSON keys are strings: remember int keys (optimizer state is keyed by param index)
+        return {"__dict__": [[k, flatten(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, tensors, prefix) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: unflatten(v, tensors) for k, v in obj["__dict__"]}
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    internal, version = state["python"]
+    random.setstate((version, tuple(internal), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written folder into place; a crash leaves either the old or the new one."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(path: Path, model, tokenizer, state: dict[str, Any] | None) -> None:
+    """Write a loadable `save_pretrained` folder (+ training state when given) atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if state is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten(state, tensors)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(skeleton))
+    _replace_dir(tmp, path)
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The folder to resume from: `path`, or its `.old-` twin if a crash hit mid-swap."""
+    path = Path(path)
+    for candidate in (path, path.with_name(f".old-{path.name}")):
+        if (candidate / STATE_JSON).is_file():
+            return candidate
+    return None
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    tensors = load_file(str(Path(path) / STATE_TENSORS))
+    return unflatten(json.loads((Path(path) / STATE_JSON).read_text()), tensors)

@@ -1,0 +1,5 @@
+"""User-facing errors: one line that names the problem and the fix, then a non-zero exit."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, files). The CLI prints `robustft: error: <message>` and exits 2."""

@@ -1,0 +1,109 @@
+"""The method interface. `Method` itself is ERM; robust methods override a few hooks.
+
+The training loop (robustft.train) calls, in order:
+  setup(model, ctx)            -> model      wrap/modify the model (e.g. add layers)
+  train_data(train, ctx)       -> Dataset    change the training data (selection, stresses)
+  configure_optimizer(model)   -> optimizer
+  per batch: training_step(model, batch) -> StepOutput   (the loop calls loss.backward())
+  per optimizer step: optimizer_step(optimizer, model) -> logs (after clipping, before scheduler)
+  predict(model, batch)        -> logits     evaluation forward
+  state_dict()/load_state_dict()             anything the method must carry across a resume
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class TrainContext:
+    """What a method may need to know about the run."""
+
+    task: DictConfig
+    trainer: DictConfig
+    device: torch.device
+    seed: int
+    run_dir: Path | None = None
+    tokenizer: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)  # scalars written to metrics.jsonl train rows
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the HF model takes (labels and idx stay with the loop)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
+    """Cross-entropy for classification, MSE for regression (STS-B); computed in fp32."""
+    if is_regression:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def no_decay(name: str) -> bool:
+    """Biases and LayerNorm weights get no weight decay (BERT convention, as in HF Trainer)."""
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name
+
+
+class Method:
+    """Vanilla fine-tuning (empirical risk minimisation)."""
+
+    def __init__(self, name: str = "vanilla", **options: Any) -> None:
+        self.name = name
+        self.options = options
+        self.ctx: TrainContext | None = None
+
+    # --- set-up hooks -------------------------------------------------------------------------
+    def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        self.ctx = ctx
+        return model
+
+    def train_data(self, train: Dataset, ctx: TrainContext) -> Dataset:
+        return train
+
+    def configure_optimizer(self, model: nn.Module, trainer: DictConfig) -> torch.optim.Optimizer:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": float(trainer.weight_decay)},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        ]
+        fused = next(model.parameters()).is_cuda  # fused AdamW is CUDA-only; foreach is the CPU default
+        return torch.optim.AdamW(groups, lr=float(trainer.lr), fused=fused or None)
+
+    # --- per-step hooks -----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**model_inputs(batch)).logits
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        logits = self.forward(model, batch)
+        return StepOutput(task_loss(logits, batch["labels"], self.ctx.task.is_regression), logits.detach())
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, float]:
+        optimizer.step()
+        return {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**model_inputs(batch)).logits
+
+    # --- state carried across a resume --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

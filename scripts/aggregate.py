@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""Aggregate a robustft sweep: mean ± std over seeds for every configuration.
+
+Examples::
+
+    python scripts/aggregate.py multirun/2024-05-01_12-00-00
+    python scripts/aggregate.py multirun/... --metrics validation/accuracy advglue/overall
+    python scripts/aggregate.py multirun/... --group-by method.name task.name
+    python scripts/aggregate.py multirun/... --relative-to method=vanilla --cost-metric cost/train_flops
+
+Runs are found by searching the folder recursively for ``run_info.json`` (the layout of the folder does
+not matter, so several sweeps can be aggregated together by pointing at their common parent). Only runs
+whose status is ``completed`` are used; the others are counted and reported.
+
+Configuration of a run
+    By default, its Hydra overrides (``.hydra/overrides.yaml``) minus ``seed``, ``data_dir``,
+    ``ckpt_path``, ``resume`` and anything under ``hydra`` (e.g. ``hydra/launcher``), so the seeds of one
+    configuration form one group. With ``--group-by KEY ...`` it is instead the values of those keys read
+    from ``.hydra/config.yaml`` (dotted, e.g. ``task.name``, ``trainer.lr``; a config group such as
+    ``method`` stands for its ``name``), falling back to ``run_info.json`` (``task``, ``method``, ...).
+
+Default metrics
+    Each run's ``main_metric`` (from ``run_info.json``) first, then, alphabetically, every key of
+    ``metrics.json`` that ends in one of ``QUALITY_SUFFIXES`` (accuracy, f1, matthews_correlation,
+    pearson(r), spearmanr, combined_score, overall, acc_under_attack). Losses, throughputs and costs are
+    left out unless asked for with ``--metrics``.
+
+Statistics
+    Mean and sample standard deviation (ddof=1) over the runs of a configuration that have the metric;
+    the std of a single run is undefined (``n/a`` in tables, empty in CSV files).
+
+Relative cost (``--relative-to KEY=VALUE --cost-metric METRIC``)
+    The mean cost of each configuration divided by the mean cost of its reference configuration: the
+    one whose KEY is VALUE and whose other keys are equal (with the default grouping, override keys
+    under ``KEY.`` such as ``method.alpha`` do not count as other keys). E.g. ``--relative-to
+    method=vanilla`` compares every method with vanilla fine-tuning on the same task, like the compute
+    column of the FTFT paper. Configurations without a reference get ``n/a``.
+
+Outputs (in ``--out``, default the sweep folder)
+    ``summary.md`` (Markdown table), ``summary.csv`` (one row per configuration: config, n, and per metric
+    ``<metric>_mean``, ``<metric>_std``, ``<metric>_n``), ``runs.csv`` (one row per completed run: config,
+    seed, every metric of metrics.json, wall_time_s, run_dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+PROG = "aggregate.py"
+QUALITY_SUFFIXES = (
+    "accuracy", "f1", "matthews_correlation", "pearson", "pearsonr", "spearmanr",
+    "combined_score", "overall", "acc_under_attack",
+)
+IGNORED_OVERRIDES = frozenset({"seed", "data_dir", "ckpt_path", "resume"})  # plus hydra/... and hydra.*
+NO_OVERRIDES = "(defaults)"
+MISSING = "<missing>"
+
+
+class AggregateError(Exception):
+    """A problem with the input that the user can fix; `main` prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """Read one run folder into a dict with keys path, status, seed, info, config, overrides, metrics."""
+    run_dir = Path(run_dir)
+    info = _read_json(run_dir / "run_info.json")
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    metrics = _read_json(run_dir / "metrics.json")
+    seed = info.get("seed", config.get("seed") if isinstance(config, dict) else None)
+    return {
+        "path": run_dir,
+        "status": str(info.get("status", "unknown")),
+        "seed": seed,
+        "info": info,
+        "config": config if isinstance(config, dict) else {},
+        "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
+        "metrics": {k: float(v) for k, v in metrics.items() if _is_number(v)},
+    }
+
+
+def load_runs(path: str | Path, include_incomplete: bool = False) -> list[dict[str, Any]]:
+    """Every run under `path` (found by recursive search for run_info.json), sorted by folder.
+
+    Only completed runs unless `include_incomplete`; see `skipped_message` to report the others.
+    """
+    root = Path(path)
+    runs = [load_run(p.parent) for p in sorted(root.rglob("run_info.json"))]
+    return runs if include_incomplete else [r for r in runs if r["status"] == "completed"]
+
+
+def skipped_message(runs: Iterable[dict[str, Any]]) -> str | None:
+    """'skipped 2 runs: 1 failed, 1 running' for the runs that are not completed, None if there are none."""
+    counts = Counter(r["status"] for r in runs if r["status"] != "completed")
+    total = sum(counts.values())
+    if not total:
+        return None
+    detail = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"skipped {total} run{'s' if total != 1 else ''}: {detail}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+
+def _override_key(override: str) -> str:
+    """`+trainer.lr=1e-4` -> `trainer.lr`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_ignored_override(key: str) -> bool:
+    return key in IGNORED_OVERRIDES or key == "hydra" or key.startswith(("hydra/", "hydra."))
+
+
+def lookup(run: dict[str, Any], key: str) -> Any:
+    """Value of a dotted config key (`task.name`), a group's name for `task`, else run_info[key]."""
+    node: Any = run["config"]
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            info = run["info"]
+            node = info.get(key, info.get(key.removesuffix(".name"), MISSING))
+            break
+        node = node[part]
+    if isinstance(node, dict):
+        return node.get("name", json.dumps(node, sort_keys=True))
+    return node
+
+
+def config_items(run: dict[str, Any], group_by: Sequence[str] | None = None) -> tuple[tuple[str, str], ...]:
+    """The configuration of a run as (key, value) pairs: its overrides minus seed etc., or `group_by` keys."""
+    if group_by:
+        return tuple((key, _fmt_value(lookup(run, key))) for key in group_by)
+    items = {}
+    for override in run["overrides"]:
+        key = _override_key(override)
+        if not _is_ignored_override(key):
+            items[key] = override.split("=", 1)[1] if "=" in override else ""
+    return tuple(sorted(items.items()))
+
+
+def config_label(items: Sequence[tuple[str, str]]) -> str:
+    """`method=vanilla,task=rte` (the same format as Hydra's override_dirname)."""
+    return ",".join(f"{k}={v}" for k, v in items) if items else NO_OVERRIDES
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _sort_key(items: tuple[tuple[str, str], ...]) -> tuple:
+    """Order configurations by key, then numerically where values are numbers (1e-5 < 2e-5 < 1e-4)."""
+    out = []
+    for key, value in items:
+        try:
+            out.append((key, 0, float(value), ""))
+        except ValueError:
+            out.append((key, 1, 0.0, value))
+    return tuple(out)
+
+
+def group_runs(
+    runs: Iterable[dict[str, Any]], group_by: Sequence[str] | None = None
+) -> dict[tuple[tuple[str, str], ...], list[dict[str, Any]]]:
+    """Runs keyed by their configuration (see `config_items`), in a stable sorted order."""
+    runs = list(runs)
+    for key in group_by or ():
+        if runs and all(lookup(r, key) == MISSING for r in runs):
+            raise AggregateError(
+                f"--group-by key {key!r} is in no run's .hydra/config.yaml or run_info.json; "
+                "use dotted config keys such as method.name, task.name, trainer.lr"
+            )
+    groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(config_items(run, group_by), []).append(run)
+    return {items: groups[items] for items in sorted(groups, key=_sort_key)}
+
+
+# -------------------------------------------------------------------------------------------- statistics
+
+
+def default_metrics(runs: Iterable[dict[str, Any]]) -> list[str]:
+    """Main metrics (in order of first appearance), then every quality metric of metrics.json, sorted."""
+    runs = list(runs)
+    main: list[str] = []
+    for run in runs:
+        value = run["info"].get("main_metric")
+        for key in [value] if isinstance(value, str) else (value or []):
+            if key not in main:
+                main.append(key)
+    others = {k for run in runs for k in run["metrics"] if k.endswith(QUALITY_SUFFIXES) and k not in main}
+    return main + sorted(others)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1); nan for an empty list, std nan for a single value."""
+    if not values:
+        return math.nan, math.nan
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+    return float(arr.mean()), std
+
+
+def summarise(
+    runs: Iterable[dict[str, Any]], metrics: Sequence[str], group_by: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per configuration: config (label), items, n, seeds, runs, stats[metric] = {mean, std, n}.
+
+    Pass completed runs only (as `load_runs` returns by default).
+    """
+    rows = []
+    for items, group in group_runs(runs, group_by).items():
+        stats = {}
+        for metric in metrics:
+            values = [r["metrics"][metric] for r in group if metric in r["metrics"]]
+            mean, std = mean_std(values)
+            stats[metric] = {"mean": mean, "std": std, "n": len(values)}
+        seeds = [r["seed"] for r in group]
+        rows.append({
+            "config": config_label(items),
+            "items": items,
+            "n": len(group),
+            "seeds": seeds,
+            "duplicate_seeds": sorted({s for s in seeds if seeds.count(s) > 1}, key=str),
+            "runs": group,
+            "stats": stats,
+        })
+    return rows
+
+
+def parse_key_value(text: str) -> tuple[str, str]:
+    """`method=vanilla` -> ('method', 'vanilla')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise AggregateError(f"--relative-to expects KEY=VALUE such as method=vanilla, got {text!r}")
+    return key, value
+
+
+def _same_key(a: str, b: str) -> bool:
+    """`method` and `method.name` name the same thing."""
+    return a == b or a.removesuffix(".name") == b.removesuffix(".name")
+
+
+def add_relative_cost(rows: list[dict[str, Any]], key: str, value: str, cost_metric: str) -> None:
+    """Set row['cost'] (mean of `cost_metric`) and row['relative_cost'] (cost / cost of the reference).
+
+    The reference of a row is the row whose `key` equals `value` and whose other keys are the same
+    (keys under `key.`, e.g. method.alpha for method, are ignored). Rows without one get nan.
+    """
+    if not any(cost_metric in r["metrics"] for row in rows for r in row["runs"]):
+        raise AggregateError(f"--cost-metric {cost_metric!r} is in no run's metrics.json; "
+                             "pass a key of metrics.json such as cost/train_flops")
+
+    base = key.removesuffix(".name")
+
+    def split(items: tuple[tuple[str, str], ...]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        own = [v for k, v in items if _same_key(k, key)]
+        rest = tuple((k, v) for k, v in items if not _same_key(k, key) and not k.startswith(f"{base}."))
+        return (own[0] if own else None), rest
+
+    references: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        own, rest = split(row["items"])
+        if own == value:
+            references.setdefault(rest, []).append(row)
+    if not references:
+        raise AggregateError(
+            f"no configuration has {key}={value} (configurations: {', '.join(r['config'] for r in rows)}); "
+            "pass --relative-to with a key and value that appear there"
+        )
+    for row in rows:
+        row["cost"] = mean_std([r["metrics"][cost_metric] for r in row["runs"] if cost_metric in r["metrics"]])[0]
+    for row in rows:
+        refs = references.get(split(row["items"])[1], [])
+        # Several references only when there are extra `key.*` overrides: the plain `key=value` one wins.
+        refs = sorted(refs, key=lambda r: len(r["items"]))
+        ref_cost = refs[0]["cost"] if refs else math.nan
+        row["relative_cost"] = row["cost"] / ref_cost if ref_cost and not math.isnan(ref_cost) else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def fmt_number(x: float) -> str:
+    """3 decimals for scores, 3 significant digits for big or tiny numbers, n/a for nan."""
+    if x is None or math.isnan(x):
+        return "n/a"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:.3f}"
+
+
+def format_stat(mean: float, std: float, n: int) -> str:
+    """'0.812 ± 0.014 (n=3)'."""
+    return f"{fmt_number(mean)} ± {fmt_number(std)} (n={n})"
+
+
+def relative_header(key: str, value: str, cost_metric: str) -> str:
+    return f"{cost_metric} vs {key}={value}"
+
+
+def table_rows(rows: list[dict[str, Any]], metrics: Sequence[str], relative: bool) -> list[list[str]]:
+    """The cells of the summary table (config, n, one per metric, relative cost)."""
+    out = []
+    for row in rows:
+        cells = [row["config"], str(row["n"])]
+        cells += [format_stat(**row["stats"][m]) for m in metrics]
+        if relative:
+            rel = row["relative_cost"]
+            cells.append("n/a" if math.isnan(rel) else f"{rel:.2f}x")
+        out.append(cells)
+    return out
+
+
+def to_markdown(header: Sequence[str], cells: list[list[str]], note: str | None = None) -> str:
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+    lines = [line(header), "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += [line(c) for c in cells]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_number(x: float | None) -> str | float:
+    return "" if x is None or math.isnan(x) else x
+
+
+def write_summary_csv(path: Path, rows: list[dict[str, Any]], metrics: Sequence[str],
+                      relative_column: str | None = None) -> None:
+    """One row per configuration: config, n, <metric>_mean, <metric>_std, <metric>_n (+ relative cost)."""
+    header = ["config", "n"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+    if relative_column:
+        header.append(relative_column)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            values: list[Any] = [row["config"], row["n"]]
+            for m in metrics:
+                s = row["stats"][m]
+                values += [_csv_number(s["mean"]), _csv_number(s["std"]), s["n"]]
+            if relative_column:
+                values.append(_csv_number(row["relative_cost"]))
+            writer.writerow(values)
+
+
+def write_runs_csv(path: Path, rows: list[dict[str, Any]], root: Path) -> None:
+    """One row per run: config, seed, every metrics.json key (sorted), wall_time_s, run_dir."""
+    runs = [(row["config"], r) for row in rows for r in row["runs"]]
+    keys = sorted({k for _, r in runs for k in r["metrics"]})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["config", "seed", *keys, "wall_time_s", "run_dir"])
+        for config, r in runs:
+            try:
+                run_dir = r["path"].relative_to(root)
+            except ValueError:
+                run_dir = r["path"]
+            writer.writerow([config, "" if r["seed"] is None else r["seed"],
+                             *(_csv_number(r["metrics"].get(k)) for k in keys),
+                             r["info"].get("wall_time_s", ""), run_dir.as_posix()])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mean ± std over seeds of every configuration of a robustft sweep "
+                    "(writes summary.md, summary.csv and runs.csv).",
+        epilog="Example: python scripts/aggregate.py multirun/2024-05-01_12-00-00 "
+               "--relative-to method=vanilla --cost-metric cost/train_flops",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="folder searched recursively for run_info.json")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC",
+                        help="metrics.json keys (default: main metric + every accuracy/f1/... key)")
+    parser.add_argument("--group-by", nargs="+", metavar="KEY",
+                        help="config keys to group by, e.g. method.name task.name trainer.lr "
+                             "(default: the overrides of each run minus seed)")
+    parser.add_argument("--out", type=Path, help="folder for summary.md/.csv and runs.csv (default: sweep_dir)")
+    parser.add_argument("--relative-to", metavar="KEY=VALUE",
+                        help="add the cost of each configuration relative to this one, e.g. method=vanilla")
+    parser.add_argument("--cost-metric", default="cost/train_flops",
+                        help="metrics.json key used by --relative-to (default: %(default)s)")
+    return parser
+
+
+def _split_commas(values: Sequence[str] | None) -> list[str] | None:
+    return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def aggregate(args: argparse.Namespace) -> None:
+    """Load, summarise, print and write; raises AggregateError on bad input."""
+    from rich.console import Console
+    from rich.table import Table
+
+    root: Path = args.sweep_dir
+    if not root.is_dir():
+        raise AggregateError(f"{root} is not a folder; pass the sweep folder, e.g. multirun/<timestamp>")
+    all_runs = load_runs(root, include_incomplete=True)
+    skipped = skipped_message(all_runs)
+    runs = [r for r in all_runs if r["status"] == "completed"]
+    if not all_runs:
+        raise AggregateError(f"no runs (run_info.json files) under {root}; pass the folder of a sweep, "
+                             "e.g. multirun/<timestamp>, or of a single run")
+    if not runs:
+        raise AggregateError(f"no completed runs under {root} ({skipped}); wait for the runs to finish "
+                             "or rerun the failed ones")
+
+    metrics = _split_commas(args.metrics) or default_metrics(runs)
+    if not metrics:
+        raise AggregateError("no metric to report; pass --metrics with keys of metrics.json")
+    unknown = [m for m in metrics if not any(m in r["metrics"] for r in runs)]
+    if unknown:
+        available = sorted({k for r in runs for k in r["metrics"]})
+        raise AggregateError(f"metric(s) {', '.join(unknown)} in no completed run's metrics.json; "
+                             f"available: {', '.join(available) or 'none'}")
+    group_by = _split_commas(args.group_by)
+    rows = summarise(runs, metrics, group_by)
+
+    header = ["config", "n", *metrics]
+    relative_column = None
+    if args.relative_to:
+        key, value = parse_key_value(args.relative_to)
+        add_relative_cost(rows, key, value, args.cost_metric)
+        header.append(relative_header(key, value, args.cost_metric))
+        relative_column = f"{args.cost_metric}_relative"
+    cells = table_rows(rows, metrics, relative=bool(relative_column))
+
+    console = Console(width=None if sys.stdout.isatty() else 250)  # don't wrap the table in log files
+    table = Table(title=f"{root} ({len(runs)} completed runs, {len(rows)} configurations)")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+    for c in cells:
+        table.add_row(*c)
+    console.print(table)
+    for row in rows:
+        if row["duplicate_seeds"]:
+            console.print(f"[yellow]warning:[/] {row['config']} has several runs with seed(s) "
+                          f"{', '.join(map(str, row['duplicate_seeds']))}")
+    if skipped:
+        console.print(skipped, highlight=False)
+
+    out: Path = args.out or root
+    out.mkdir(parents=True, exist_ok=True)
+    note = f"{len(runs)} completed runs under `{root}`" + (f"; {skipped}." if skipped else ".")
+    (out / "summary.md").write_text(to_markdown(header, cells, note))
+    write_summary_csv(out / "summary.csv", rows, metrics, relative_column)
+    write_runs_csv(out / "runs.csv", rows, root)
+    console.print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'runs.csv'}", highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        aggregate(args)
+    except AggregateError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Tests for the bundled offline metric modules (robustft/metrics) against direct scikit-learn/SciPy calls."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import pytest
+import tomllib
+from scipy.stats import pearsonr, spearmanr
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from robustft.metrics import (
+    GLUE_CONFIGS,
+    GREATER_IS_BETTER,
+    METRIC_NAMES,
+    METRICS_DIR,
+    TASKS,
+    load_metric,
+    main_metric,
+    task_metrics,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZES = (2, 11, 257, 2000)
+SEEDS = (0, 1)
+CLASSIFICATION_CONFIGS = tuple(c for c in GLUE_CONFIGS if c != "stsb")
+EXPECTED_GLUE_KEYS = {
+    "cola": {"matthews_correlation"},
+    "stsb": {"pearson", "spearmanr"},
+    "mrpc": {"accuracy", "f1"},
+    "qqp": {"accuracy", "f1"},
+}
+EXACT = {"rel": 1e-12, "abs": 1e-12}
+
+
+def approx(value: float) -> object:
+    return pytest.approx(value, nan_ok=True, **EXACT)
+
+
+def sklearn_quiet(fn, *args, **kwargs):
+    """Reference call with sklearn/scipy's 'ill-defined metric' warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def int_data(seed: int, n: int, num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    refs = rng.integers(0, num_classes, n)
+    # Mostly-correct predictions so that scores are far from chance and from each other.
+    preds = np.where(rng.random(n) < 0.7, refs, rng.integers(0, num_classes, n))
+    return preds, refs
+
+
+def float_data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    refs = rng.uniform(0.0, 5.0, n)
+    preds = refs + rng.normal(0.0, 1.5, n)
+    return preds, refs
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Refuse host-name lookups and connections like an offline node, and fail if any was attempted.
+
+    Attempts are recorded (not only raised) because evaluate swallows some errors of its Hub lookups.
+    """
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network is unreachable (blocked by test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+    assert not attempts, f"network access attempted: {attempts!r}"
+
+
+def set_offline_flags(monkeypatch, offline: bool) -> None:
+    """Set the env vars and the flags that evaluate/huggingface_hub/datasets read from them at import time."""
+    import datasets
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if offline:
+            monkeypatch.setenv(var, "1")
+        else:
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+
+
+def default_config(name: str) -> str | None:
+    return "sst2" if name == "glue" else None
+
+
+def smoke_inputs(name: str) -> tuple[list, list]:
+    if name in ("pearsonr", "spearmanr"):
+        return [0.5, 1.0, 2.5, 4.0], [1.0, 1.5, 2.0, 4.5]
+    return [0, 1, 1, 0], [0, 1, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def test_metric_folders_exist_and_ship_as_package_data():
+    assert METRICS_DIR == Path(__file__).resolve().parents[1] / "robustft" / "metrics"
+    for name in METRIC_NAMES:
+        assert (METRICS_DIR / name / f"{name}.py").is_file()
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["robustft"]
+    package_dir = METRICS_DIR.parent
+    shipped = {p.relative_to(package_dir).as_posix() for pat in patterns for p in package_dir.glob(pat)}
+    assert {f"metrics/{name}/{name}.py" for name in METRIC_NAMES} <= shipped
+
+
+# ------------------------------------------------------------------------------------ evaluate.load
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_evaluate_load_of_each_folder(name, no_network):
+    module = evaluate.load(str(METRICS_DIR / name), default_config(name))
+    assert isinstance(module, evaluate.EvaluationModule)
+    preds, refs = smoke_inputs(name)
+    result = module.compute(predictions=preds, references=refs)
+    assert result and all(isinstance(v, float) for v in result.values())
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline-env", "no-env"])
+def test_loading_never_touches_network(monkeypatch, no_network, offline):
+    set_offline_flags(monkeypatch, offline)
+    for name in METRIC_NAMES:
+        module = evaluate.load(str(METRICS_DIR / name), default_config(name), keep_in_memory=True)
+        assert module.compute(predictions=smoke_inputs(name)[0], references=smoke_inputs(name)[1])
+    load_metric.cache_clear()  # force real (uncached) loads through the public helper too
+    assert task_metrics("mrpc", [0, 1, 1], [0, 1, 0])["accuracy"] == approx(2 / 3)
+    assert task_metrics("stsb", [0.1, 2.0, 3.5], [0.0, 2.5, 3.0])["combined_score"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offline", [True, False], ids=["offline-env", "no-env"])
+def test_loading_in_fresh_process(offline):
+    """Env vars set before evaluate is imported (what the monkeypatched test can only emulate)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise AssertionError('network access attempted')\n"
+        "socket.getaddrinfo = socket.create_connection = refuse\n"
+        "from robustft.metrics import task_metrics\n"
+        "print(task_metrics('cola', [0, 1, 1, 0], [0, 1, 0, 0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "matthews_correlation" in out.stdout
+
+
+def test_glue_requires_a_known_config():
+    with pytest.raises(KeyError):
+        evaluate.load(str(METRICS_DIR / "glue"))
+    with pytest.raises(ValueError):
+        load_metric("glue")
+    with pytest.raises(ValueError):
+        load_metric("bleu")
+
+
+def test_load_metric_is_cached():
+    assert load_metric("glue", "rte") is load_metric("glue", "rte")
+    assert load_metric("glue", "rte") is not load_metric("glue", "qnli")
+    assert load_metric("glue", "rte").config_name == "rte"
+
+
+# ---------------------------------------------------------------------- single metrics vs sklearn/scipy
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_accuracy_matches_sklearn(seed, n, num_classes):
+    preds, refs = int_data(seed, n, num_classes)
+    metric = load_metric("accuracy")
+    assert metric.compute(predictions=preds, references=refs) == {
+        "accuracy": approx(accuracy_score(refs, preds))
+    }
+    weights = np.random.default_rng(seed).random(n)
+    got = metric.compute(predictions=preds, references=refs, sample_weight=weights)["accuracy"]
+    assert got == approx(accuracy_score(refs, preds, sample_weight=weights))
+    got = metric.compute(predictions=preds, references=refs, normalize=False)["accuracy"]
+    assert got == accuracy_score(refs, preds, normalize=False)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_f1_binary_matches_sklearn(seed, n):
+    preds, refs = int_data(seed, n)
+    metric = load_metric("f1")
+    for pos_label in (1, 0):
+        got = sklearn_quiet(metric.compute, predictions=preds, references=refs, pos_label=pos_label)["f1"]
+        assert got == approx(sklearn_quiet(f1_score, refs, preds, pos_label=pos_label))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_f1_multiclass_averages_match_sklearn(seed, n):
+    preds, refs = int_data(seed, n, num_classes=3)
+    metric = load_metric("f1")
+    for average in ("macro", "micro", "weighted"):
+        got = sklearn_quiet(metric.compute, predictions=preds, references=refs, average=average)["f1"]
+        assert isinstance(got, float)
+        assert got == approx(sklearn_quiet(f1_score, refs, preds, average=average))
+    per_class = sklearn_quiet(
+        metric.compute, predictions=preds, references=refs, average=None, labels=[0, 1, 2]
+    )
+    expected = sklearn_quiet(f1_score, refs, preds, average=None, labels=[0, 1, 2])
+    np.testing.assert_allclose(per_class["f1"], expected, rtol=1e-12)
+
+
+def test_f1_edge_cases():
+    metric = load_metric("f1")
+    refs = np.array([0, 1, 0, 1, 1])
+    no_positive_preds = np.zeros(5, dtype=int)
+    assert metric.compute(predictions=no_positive_preds, references=refs)["f1"] == 0.0
+    assert f1_score(refs, no_positive_preds) == 0.0
+    # Nothing positive at all: ill-defined; sklearn's zero_division decides (warning + 0.0 by default).
+    all_negative = np.zeros(5, dtype=int)
+    with pytest.warns(UndefinedMetricWarning):
+        assert metric.compute(predictions=all_negative, references=all_negative)["f1"] == 0.0
+    got = metric.compute(predictions=all_negative, references=all_negative, zero_division=1.0)["f1"]
+    assert got == 1.0
+    assert metric.compute(predictions=refs, references=refs)["f1"] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_matthews_correlation_matches_sklearn(seed, n, num_classes):
+    preds, refs = int_data(seed, n, num_classes)
+    got = load_metric("matthews_correlation").compute(predictions=preds, references=refs)
+    assert got == {"matthews_correlation": approx(matthews_corrcoef(refs, preds))}
+
+
+def test_matthews_correlation_edge_cases():
+    metric = load_metric("matthews_correlation")
+    refs = np.array([0, 1, 1, 0, 1, 0, 0])
+    for constant in (0, 1):
+        same = np.full_like(refs, constant)
+        assert metric.compute(predictions=same, references=refs)["matthews_correlation"] == 0.0
+    assert metric.compute(predictions=refs, references=refs)["matthews_correlation"] == approx(1.0)
+    assert metric.compute(predictions=1 - refs, references=refs)["matthews_correlation"] == approx(-1.0)
+    weights = np.linspace(0.1, 1.0, len(refs))
+    preds = np.array([0, 1, 0, 0, 1, 1, 0])
+    got = metric.compute(predictions=preds, references=refs, sample_weight=weights)["matthews_correlation"]
+    assert got == approx(matthews_corrcoef(refs, preds, sample_weight=weights))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", (3, 11, 257, 2000))
+def test_correlations_match_scipy(seed, n):
+    preds, refs = float_data(seed, n)
+    pearson = load_metric("pearsonr").compute(predictions=preds, references=refs, return_pvalue=True)
+    expected = pearsonr(preds, refs)
+    assert pearson == {"pearsonr": approx(expected[0]), "p-value": approx(expected[1])}
+    spearman = load_metric("spearmanr").compute(predictions=preds, references=refs, return_pvalue=True)
+    expected = spearmanr(preds, refs)
+    assert spearman == {"spearmanr": approx(expected[0]), "spearmanr_pvalue": approx(expected[1])}
+    # With ties (integer-valued scores), and without p-values.
+    tied = np.round(preds)
+    assert load_metric("spearmanr").compute(predictions=tied, references=refs) == {
+        "spearmanr": approx(spearmanr(tied, refs)[0])
+    }
+    assert load_metric("pearsonr").compute(predictions=tied, references=refs) == {
+        "pearsonr": approx(pearsonr(tied, refs)[0])
+    }
+
+
+def test_correlations_keep_float64_precision():
+    # datasets' "numpy" format would downcast to float32; these values differ only beyond float32 precision.
+    preds = np.array([1.0, 1.0 + 1e-9, 1.0 + 3e-9, 1.0 + 2e-9])
+    refs = np.array([0.0, 1.0, 3.0, 2.0])
+    got = load_metric("pearsonr").compute(predictions=preds, references=refs)["pearsonr"]
+    assert got == approx(pearsonr(preds, refs)[0])
+    assert got > 0.99
+
+
+def test_correlations_of_constant_predictions_are_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("pearsonr", "spearmanr"):
+            result = load_metric(name).compute(predictions=[2.0, 2.0, 2.0], references=[1.0, 2.0, 3.0])
+            assert math.isnan(result[name])
+
+
+# ------------------------------------------------------------------------------------------------ glue
+
+
+def expected_glue(config: str, preds: np.ndarray, refs: np.ndarray) -> dict[str, float]:
+    if config == "cola":
+        return {"matthews_correlation": matthews_corrcoef(refs, preds)}
+    if config == "stsb":
+        return {"pearson": pearsonr(preds, refs)[0], "spearmanr": spearmanr(preds, refs)[0]}
+    if config in ("mrpc", "qqp"):
+        return {"accuracy": accuracy_score(refs, preds), "f1": sklearn_quiet(f1_score, refs, preds)}
+    return {"accuracy": accuracy_score(refs, preds)}
+
+
+def glue_data(config: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if config == "stsb":
+        return float_data(seed, n)
+    return int_data(seed, n, num_classes=3 if config.startswith(("mnli", "snli", "hans")) else 2)
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")
+@pytest.mark.parametrize("config", GLUE_CONFIGS)
+def test_glue_matches_sklearn_scipy(config):
+    metric = load_metric("glue", config)
+    for seed in SEEDS:
+        for n in (3, 11, 257, 2000):
+            preds, refs = glue_data(config, seed, n)
+            got = metric.compute(predictions=preds, references=refs)
+            expected = expected_glue(config, preds, refs)
+            assert set(got) == EXPECTED_GLUE_KEYS.get(config, {"accuracy"})
+            assert got == {key: approx(value) for key, value in expected.items()}
+            assert all(type(value) is float for value in got.values())
+
+
+@pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS)
+def test_glue_constant_predictions(config):
+    refs = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    preds = np.zeros_like(refs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndefinedMetricWarning)  # no warning spam during training
+        got = load_metric("glue", config).compute(predictions=preds, references=refs)
+    assert got == {key: approx(value) for key, value in expected_glue(config, preds, refs).items()}
+    if config == "cola":
+        assert got["matthews_correlation"] == 0.0
+    if config in ("mrpc", "qqp"):
+        assert got["f1"] == 0.0
+
+
+def test_glue_stsb_keeps_float_inputs():
+    preds = [0.25, 1.5, 2.75, 4.125, 3.0]
+    refs = [0.0, 2.0, 2.5, 5.0, 3.5]
+    got = load_metric("glue", "stsb").compute(predictions=preds, references=refs)
+    assert got == {
+        "pearson": approx(pearsonr(preds, refs)[0]),
+        "spearmanr": approx(spearmanr(preds, refs)[0]),
+    }
+
+
+# ------------------------------------------------------------------------------------- task_metrics
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_metrics_and_combined_score(task):
+    preds, refs = glue_data(task, seed=3, n=500)
+    got = task_metrics(task, preds, refs)
+    expected = {key: float(value) for key, value in expected_glue(task, preds, refs).items()}
+    if len(expected) > 1:
+        expected["combined_score"] = sum(expected.values()) / len(expected)
+    assert got == {key: approx(value) for key, value in expected.items()}
+    assert all(type(value) is float for value in got.values())
+    assert main_metric(task) in got
+    # Plain Python lists work too.
+    assert task_metrics(task, preds.tolist(), refs.tolist()) == {key: approx(v) for key, v in got.items()}
+
+
+def test_combined_score_values():
+    got = task_metrics("mrpc", [1, 1, 0, 0], [1, 0, 0, 0])
+    assert got == {"accuracy": 0.75, "f1": approx(2 / 3), "combined_score": approx((0.75 + 2 / 3) / 2)}
+    got = task_metrics("stsb", [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])
+    assert got == {"pearson": approx(1.0), "spearmanr": approx(1.0), "combined_score": approx(1.0)}
+    assert "combined_score" not in task_metrics("cola", [1, 0], [1, 0])
+    assert "combined_score" not in task_metrics("sst2", [1, 0], [1, 0])
+
+
+def test_task_metrics_input_handling():
+    preds, refs = float_data(seed=0, n=50)
+    column = task_metrics("stsb", preds[:, None], refs)  # regression head output, shape (n, 1)
+    assert column == task_metrics("stsb", preds, refs)
+    # Integer-valued floats are fine as class ids; logits or fractional values are not.
+    assert task_metrics("rte", np.array([0.0, 1.0, 1.0]), [0, 1, 0])["accuracy"] == approx(2 / 3)
+    with pytest.raises(ValueError, match="argmax"):
+        task_metrics("sst2", np.zeros((4, 2)), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="class ids"):
+        task_metrics("sst2", [0.2, 0.9], [0, 1])
+    with pytest.raises(ValueError, match="equal length"):
+        task_metrics("sst2", [0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match="Unknown task"):
+        task_metrics("squad", [0], [0])
+
+
+def test_task_metrics_accepts_torch_tensors():
+    torch = pytest.importorskip("torch")
+    got = task_metrics("qqp", torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]))
+    assert got["accuracy"] == 0.75
+    got = task_metrics("stsb", torch.tensor([[0.5], [1.5], [2.0]]), torch.tensor([0.0, 1.0, 3.0]))
+    assert got["pearson"] == pytest.approx(pearsonr([0.5, 1.5, 2.0], [0.0, 1.0, 3.0])[0], rel=1e-6)
+
+
+def test_task_metrics_is_fast():
+    preds, refs = int_data(seed=0, n=10_000)
+    fpreds, frefs = float_data(seed=0, n=10_000)
+    for task in ("cola", "mrpc", "stsb"):  # warm up (first load of each config)
+        task_metrics(task, fpreds if task == "stsb" else preds, frefs if task == "stsb" else refs)
+    start = time.perf_counter()
+    task_metrics("cola", preds, refs)
+    task_metrics("mrpc", preds, refs)
+    task_metrics("stsb", fpreds, frefs)
+    assert time.perf_counter() - start < 0.5
+
+
+# -------------------------------------------------------------------------------------- main_metric
+
+
+def test_main_metric():
+    assert GREATER_IS_BETTER is True
+    expected = {
+        "cola": "matthews_correlation",
+        "stsb": "combined_score",
+        "mrpc": "combined_score",
+        "qqp": "combined_score",
+    }
+    for task in TASKS:
+        assert main_metric(task) == expected.get(task, "accuracy")
+    with pytest.raises(ValueError):
+        main_metric("squad")

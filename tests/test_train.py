@@ -1,0 +1,92 @@
+"""The training loop on a tiny random BERT: determinism, exact resume, early stopping, run files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from robustft.rundir import RunDir
+from robustft.train import Interrupted, fit
+from tests.conftest import make_cfg, needs_data
+
+pytestmark = needs_data()
+
+
+def weights(path):
+    return load_file(str(path / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_run_writes_metrics_and_loadable_checkpoints(tmp_path, tiny_overrides):
+    run = RunDir(tmp_path)
+    metrics = fit(make_cfg(tiny_overrides), run)
+    assert 0.0 <= metrics["validation/accuracy"] <= 1.0
+    assert metrics["train/steps"] == 16  # 64 examples / 8 per batch * 2 epochs
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["validation/accuracy"] == metrics["validation/accuracy"]
+    assert all("/" in k for k in saved)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "validation"] == [4, 8, 12, 16]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(2, 17, 2))
+    for name in ("best", "last"):
+        folder = tmp_path / "checkpoints" / name
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # safetensors only
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        assert model.config.num_labels == 2
+    assert (tmp_path / "checkpoints" / "last" / "training_state.safetensors").is_file()
+
+
+def test_best_checkpoint_is_the_best_eval(tmp_path, tiny_overrides):
+    fit(make_cfg(tiny_overrides), RunDir(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] == "validation"]
+    best = max(evals, key=lambda r: r["accuracy"])  # first of equal values wins (strict improvement)
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert final["best/step"] == best["step"]
+    assert final["validation/accuracy"] == pytest.approx(best["accuracy"])
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path, tiny_overrides):
+    a = fit(make_cfg(tiny_overrides), RunDir(tmp_path / "a"))
+    b = fit(make_cfg(tiny_overrides), RunDir(tmp_path / "b"))
+    c = fit(make_cfg([*tiny_overrides, "seed=7"]), RunDir(tmp_path / "c"))
+    wa, wb, wc = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["validation/loss"] == b["validation/loss"]
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert c["validation/loss"] != a["validation/loss"]
+
+
+@pytest.mark.parametrize("stop_at", [3, 8])  # mid-epoch (between saves) and at an epoch boundary
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_overrides, stop_at):
+    full = fit(make_cfg(tiny_overrides), RunDir(tmp_path / "full"))
+    with pytest.raises(Interrupted):
+        fit(make_cfg([*tiny_overrides, f"+trainer.interrupt_at_step={stop_at}"]), RunDir(tmp_path / "cut"))
+    resumed = fit(make_cfg(tiny_overrides), RunDir(tmp_path / "cut"))  # resume=auto finds checkpoints/last
+    w_full, w_res = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    for key in ("validation/accuracy", "validation/loss", "best/step", "train/steps", "cost/train_tokens"):
+        assert resumed[key] == full[key], key
+
+
+def test_early_stopping_stops_after_patience(tmp_path, tiny_overrides):
+    # lr 0 never improves on the first eval: with patience 2 the run stops at the 3rd eval (step 12)
+    cfg = make_cfg([*tiny_overrides, "trainer.lr=0.0", "trainer.early_stopping_patience=2", "trainer.epochs=5"])
+    metrics = fit(cfg, RunDir(tmp_path))
+    assert metrics["train/steps"] == 12
+    assert metrics["train/stopped_early"] == 1.0
+    assert metrics["best/step"] == 4
+
+
+def test_grad_accumulation_counts_optimizer_steps(tmp_path, tiny_overrides):
+    metrics = fit(make_cfg([*tiny_overrides, "trainer.grad_accum=2", "trainer.epochs=1"]), RunDir(tmp_path))
+    assert metrics["train/steps"] == 4 and metrics["train/examples"] == 64
+
+
+def test_regression_task_trains(tmp_path, tiny_overrides):
+    over = [o for o in tiny_overrides if not o.startswith("task=")] + ["task=stsb"]
+    metrics = fit(make_cfg(over), RunDir(tmp_path))
+    assert "validation/pearson" in metrics and "validation/combined_score" in metrics
