@@ -24,8 +24,10 @@ from robustft.data import collate, epoch_batches, eval_batches, load_task, token
 from robustft.errors import UserError
 from robustft.methods.base import Method, TrainContext
 from robustft.metrics import main_metric, task_metrics
-from robustft.models import count_params, load_model, load_tokenizer
+from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
+from robustft.predict import Predictor
 from robustft.progress import Progress as Bar
+from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.rundir import RunDir
 
 log = logging.getLogger("robustft")
@@ -134,9 +136,13 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     amp = autocast_dtype(device, str(tcfg.precision))
     task = cfg.task
 
-    tokenizer = load_tokenizer(cfg.model)
+    init_from = resolve_ckpt_path(cfg.get("ckpt_path"))
+    if not cfg.train and init_from is None:
+        raise UserError("train=false needs a model to evaluate; set ckpt_path=<run dir or checkpoint folder>")
+    tokenizer = load_tokenizer(cfg.model, init_from)
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
-    model = load_model(cfg.model, task, ckpt_path=cfg.get("ckpt_path"))
+    evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
+    model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
     method: Method = instantiate(cfg.method)
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer)
@@ -163,7 +169,23 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         metrics, _ = evaluate(model, method, ds, tokenizer, task, int(tcfg.eval_batch_size), device, amp)
         final.update({f"{split}/{k}": v for k, v in metrics.items()})
     run.write_metrics(final)
+    if evaluators:
+        predictor = Predictor(model, tokenizer, method, device, amp, int(tcfg.max_length), int(tcfg.eval_batch_size))
+        robust = run_evaluators(evaluators, predictor, cfg, run.path)
+        run.write_metrics(robust)
+        final.update(robust)
     return final
+
+
+def resolve_ckpt_path(path: str | None) -> str | None:
+    """Accept a checkpoint folder or a run directory (-> its checkpoints/best, else checkpoints/last)."""
+    if not path:
+        return None
+    p = Path(path)
+    for candidate in (p, p / "checkpoints" / "best", p / "checkpoints" / "last"):
+        if checkpoint_dir_ok(candidate):
+            return str(candidate)
+    raise UserError(f"ckpt_path={path} holds no checkpoint (config.json + *.safetensors); pass a run dir or checkpoint folder")
 
 
 def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Dataset, evals: dict[str, Dataset],

@@ -1,0 +1,53 @@
+"""Batched inference on raw text: the one entry point evaluators (AdvGLUE, attacks, OOD) call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from robustft.methods.base import Method
+
+
+class Predictor:
+    """Scores lists of raw text tuples with a trained model (eval mode, no grad, length-sorted batches).
+
+    `queries` counts every example scored, so attacks can report and cap model queries.
+    """
+
+    def __init__(self, model, tokenizer, method: Method, device: torch.device, amp: torch.dtype | None,
+                 max_length: int = 128, batch_size: int = 128) -> None:
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.device, self.amp, self.max_length, self.batch_size = device, amp, max_length, batch_size
+        self.queries = 0
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
+        """Raw model outputs, shape (n, num_labels); a regression model gives (n, 1)."""
+        from robustft.train import autocast
+
+        self.model.eval()
+        self.queries += len(texts)
+        if not texts:
+            return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
+        enc_all = self.tokenizer(*zip(*texts), truncation=True, max_length=self.max_length)
+        lengths = [len(x) for x in enc_all["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
+        for s in range(0, len(texts), self.batch_size):
+            rows = order[s : s + self.batch_size]
+            feats = {k: [enc_all[k][i] for i in rows] for k in enc_all.keys()}
+            batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
+            with autocast(self.device, self.amp):
+                logits = self.method.predict(self.model, batch)
+            out[rows] = logits.float().cpu().numpy()
+        return out
+
+    def probs(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
+        logits = self.logits(texts)
+        if logits.shape[1] == 1:
+            return logits
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
