@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,11 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     if run_dir.info.get("status") == "completed" and cfg.resume == "auto":
         log.info("run in %s already completed; nothing to do", run_dir.path)
         return None
+    def on_term(signum: int, _frame: Any) -> None:
+        raise Interrupted(f"received signal {signum}")  # preemption / scancel: record it, keep checkpoints
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, on_term)
     run_dir.start(
         seed=int(cfg.seed), task=cfg.task.name, method=cfg.method.name, model=cfg.model.name, tag=cfg.get("tag"),
         wall_time_s_before=run_dir.info.get("wall_time_s", 0.0),
