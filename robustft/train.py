@@ -21,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 
 from robustft import checkpoint as ckpt
 from robustft.data import collate, epoch_batches, eval_batches, load_task, tokenize
+from robustft.dynamics import TrainingDynamics
 from robustft.errors import UserError
 from robustft.methods.base import Method, TrainContext
 from robustft.metrics import main_metric, task_metrics
@@ -29,6 +30,7 @@ from robustft.predict import Predictor
 from robustft.progress import Progress as Bar
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.rundir import RunDir
+from robustft.stress import apply_stress
 
 log = logging.getLogger("robustft")
 
@@ -141,6 +143,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         raise UserError("train=false needs a model to evaluate; set ckpt_path=<run dir or checkpoint folder>")
     tokenizer = load_tokenizer(cfg.model, init_from)
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
+    data = apply_stress(data, cfg, run)  # training-time stresses (train split only, recorded in run_info)
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
@@ -202,6 +205,7 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
     p = Progress()
     best_state: dict[str, torch.Tensor] | None = None
 
+    dynamics = TrainingDynamics(run.path / "training_dynamics") if tcfg.get("record_dynamics") else None
     last = ckpt.find_checkpoint(ckpt_dir / "last") if cfg.resume == "auto" else None
     if last is not None:
         state = ckpt.load_training_state(last)
@@ -211,13 +215,16 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
         method.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
         p = Progress(**state["progress"])
+        if dynamics is not None:
+            dynamics.load_state_dict(state.get("dynamics") or {})
         log.info("resumed from %s at step %d (epoch %d)", last, p.step, p.epoch)
         run.update(resumed_from_step=p.step)
 
     def save_last() -> None:
         if tcfg.save_checkpoints:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "method": method.state_dict(), "rng": ckpt.rng_state(), "progress": asdict(p)}
+                     "method": method.state_dict(), "rng": ckpt.rng_state(), "progress": asdict(p),
+                     "dynamics": dynamics.state_dict() if dynamics is not None else {}}
             ckpt.save_checkpoint(ckpt_dir / "last", model, tokenizer, state)
 
     def run_eval() -> bool:
@@ -258,6 +265,8 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
             p.examples += len(rows)
             p.tokens += int(batch["attention_mask"].sum())
             logs.update(out.logs)
+            if dynamics is not None and out.logits is not None:
+                dynamics.add(batch["idx"], out.logits, batch["labels"])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.max_grad_norm))
         logs.update(method.optimizer_step(optimizer, model))
         scheduler.step()
@@ -266,6 +275,8 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
         p.step += 1
         p.batch_in_epoch += len(group)
         epoch_end = p.batch_in_epoch >= len(batches)
+        if epoch_end and dynamics is not None:
+            dynamics.write_epoch(p.epoch)
         if epoch_end:
             p.epoch, p.batch_in_epoch, batches = p.epoch + 1, 0, None
         bar.update(1)

@@ -90,3 +90,19 @@ def test_regression_task_trains(tmp_path, tiny_overrides):
     over = [o for o in tiny_overrides if not o.startswith("task=")] + ["task=stsb"]
     metrics = fit(make_cfg(over), RunDir(tmp_path))
     assert "validation/pearson" in metrics and "validation/combined_score" in metrics
+
+
+def test_training_dynamics_files_and_resume(tmp_path, tiny_overrides):
+    over = [*tiny_overrides, "trainer.record_dynamics=true"]
+    fit(make_cfg(over), RunDir(tmp_path / "full"))
+    with pytest.raises(Interrupted):
+        fit(make_cfg([*over, "+trainer.interrupt_at_step=3"]), RunDir(tmp_path / "cut"))
+    fit(make_cfg(over), RunDir(tmp_path / "cut"))
+    for epoch in (0, 1):
+        name = f"training_dynamics/dynamics_epoch_{epoch}.jsonl"
+        rows = [json.loads(line) for line in (tmp_path / "full" / name).read_text().splitlines()]
+        assert len(rows) == 64 and set(rows[0]) == {"guid", f"logits_epoch_{epoch}", "gold"}
+        assert sorted(r["guid"] for r in rows) == sorted({r["guid"] for r in rows})
+        assert len(rows[0][f"logits_epoch_{epoch}"]) == 2
+        # the resumed run (cut mid-epoch 0) writes the same records
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "full" / name).read_text()

@@ -1,0 +1,57 @@
+"""Training dynamics (Dataset Cartography): each training example's logits per epoch.
+
+Logits come from the training forward pass itself (dropout on, as allenai/cartography records them), so
+recording costs no extra forward; they are kept on the CPU and written once per epoch in cartography's
+format: `training_dynamics/dynamics_epoch_{e}.jsonl`, rows `{"guid", "logits_epoch_{e}", "gold"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class TrainingDynamics:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.idx: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.gold: list[torch.Tensor] = []
+
+    def add(self, idx: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.idx.append(idx.detach().cpu())
+        self.logits.append(logits.detach().float().cpu())
+        self.gold.append(labels.detach().cpu())
+
+    def write_epoch(self, epoch: int) -> Path:
+        """Write the epoch's file atomically (sorted by guid) and start a new epoch."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"dynamics_epoch_{epoch}.jsonl"
+        idx, logits, gold = self._cat()
+        order = torch.argsort(idx)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            for i in order.tolist():
+                row = {"guid": int(idx[i]), f"logits_epoch_{epoch}": logits[i].tolist(), "gold": gold[i].item()}
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+        self.idx, self.logits, self.gold = [], [], []
+        return path
+
+    def _cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.idx:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0), torch.zeros(0)
+        return torch.cat(self.idx), torch.cat(self.logits), torch.cat(self.gold)
+
+    # a partial epoch travels with checkpoints/last so a resumed run writes complete files
+    def state_dict(self) -> dict[str, Any]:
+        idx, logits, gold = self._cat()
+        return {"idx": idx, "logits": logits, "gold": gold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and len(state.get("idx", [])):
+            self.idx, self.logits, self.gold = [state["idx"]], [state["logits"]], [state["gold"]]
