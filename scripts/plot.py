@@ -80,7 +80,7 @@ def plot_bars(runs: list[dict[str, Any]], metric: str, out: Path, x: str | None 
     hues = list(dict.fromkeys(hue_of(r) for r in rows))
     width = 0.8 / len(hues)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(xs) * max(1, len(hues) / 2)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.9 * len(xs) * max(1, len(hues) / 2)), 4.5))
     for j, h in enumerate(hues):
         chosen = [r for r in rows if hue_of(r) == h]
         pos = [xs.index(x_of(r)) + (j - (len(hues) - 1) / 2) * width for r in chosen]
@@ -94,7 +94,7 @@ def plot_bars(runs: list[dict[str, Any]], metric: str, out: Path, x: str | None 
     ax.set_xticks(range(len(xs)), xs, rotation=30 if long_labels else 0, ha="right" if long_labels else "center")
     ax.set_ylabel(metric)
     ax.set_xlabel(x or "configuration")
-    ax.set_title(title or f"{metric} (mean ± std over seeds)")
+    ax.set_title(title or f"{metric} (mean ± std over seeds)", fontsize=10)
     ax.margins(y=0.15)
     if hue:
         ax.legend(title=hue, fontsize=8)

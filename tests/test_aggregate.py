@@ -98,7 +98,7 @@ def by_config(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def run_script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MPLCONFIGDIR": str(cwd / ".mpl"), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=60)
 
@@ -215,9 +215,8 @@ def test_cli_writes_tables(sweep: Path, tmp_path: Path) -> None:
     assert accs == sorted(v for (t, m, _), v in ACC.items() if (t, m) == ("rte", "ftft"))
 
 
-def test_cli_default_out_and_group_by(sweep: Path, tmp_path: Path) -> None:
-    proc = run_script(SCRIPTS / "aggregate.py", sweep, "--group-by", "task.name", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_cli_default_out_and_group_by(sweep: Path) -> None:
+    assert aggregate.main([str(sweep), "--group-by", "task.name"]) == 0  # in-process: faster than a subprocess
     with open(sweep / "summary.csv", newline="") as f:
         table = {row["config"]: row for row in csv.DictReader(f)}
     assert sorted(table) == ["task.name=rte", "task.name=sst2"]
@@ -226,15 +225,24 @@ def test_cli_default_out_and_group_by(sweep: Path, tmp_path: Path) -> None:
     assert (sweep / "summary.md").is_file() and (sweep / "runs.csv").is_file()
 
 
-def test_cli_errors(tmp_path: Path, sweep: Path) -> None:
+def test_cli_errors(tmp_path: Path, sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run_script(SCRIPTS / "aggregate.py", empty, cwd=tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("aggregate.py: error: no runs")
-    proc = run_script(SCRIPTS / "aggregate.py", sweep, "--metrics", "validation/acc", cwd=tmp_path)
-    assert proc.returncode != 0 and "available: " in proc.stderr and "validation/accuracy" in proc.stderr
+    capsys.readouterr()
+    assert aggregate.main([str(sweep), "--metrics", "validation/acc"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("aggregate.py: error: metric(s) validation/acc") and "validation/accuracy" in err
+    assert aggregate.main([str(sweep), "--relative-to", "method"]) != 0
+    assert "KEY=VALUE" in capsys.readouterr().err
+    only_failed = tmp_path / "only_failed"
+    write_run(only_failed / "a", task="rte", method="vanilla", seed=1, overrides=["seed=1"], metrics=None,
+              status="failed")
+    assert aggregate.main([str(only_failed)]) != 0
+    assert "no completed runs" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- plot
@@ -250,9 +258,10 @@ def test_plot_bars_and_curves(sweep: Path, tmp_path: Path) -> None:
                       "--hue", "task.name", "--out", bars, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert is_png(bars)
+    import plot
+
     curve = tmp_path / "curve.png"
-    proc = run_script(SCRIPTS / "plot.py", sweep, "--curve", "validation/accuracy", "--out", curve, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert plot.main([str(sweep), "--curve", "validation/accuracy", "--out", str(curve)]) == 0
     assert is_png(curve)
 
 
