@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -20,8 +21,15 @@ log = logging.getLogger("robustft")
 
 
 def _sweep_subdir(overrides: str, seed: Any) -> str:
-    """Sweep job folder: `<overrides>/seed=<seed>` so the seeds of one configuration sit together."""
-    return f"{overrides or 'default'}/seed={seed}"
+    """Sweep job folder: `<overrides>/seed=<seed>` so the seeds of one configuration sit together.
+
+    A folder name holds at most 255 bytes: a longer override list keeps its first 200 bytes plus a hash of
+    all of it (the full list is in each run's .hydra/overrides.yaml).
+    """
+    name = overrides or "default"
+    if len(name.encode()) > 255:
+        name = name.encode()[:200].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name}/seed={seed}"
 
 
 if not OmegaConf.has_resolver("rft_subdir"):
@@ -57,6 +65,7 @@ def preflight(overrides: list[str]) -> None:
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException, MissingConfigException
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
@@ -64,9 +73,24 @@ def preflight(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(user)
     except HydraException as e:
         fail(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, e.g. task=rte trainer.epochs=3")
+
+    def values(o) -> list[str] | None:
+        if not o.is_sweep_override():
+            return [o.get_value_element_as_str()]
+        if isinstance(o.value(), Glob):  # glob(...) picks group options, as Hydra's sweeper does
+            key = o.get_key_element().lstrip("+~")
+            found = o.value().filter(_group_options(key))
+            if not found:
+                fail(f"{o.input_line} matches no {key} option; choose from: {', '.join(_group_options(key))}")
+            return found
+        try:
+            return [str(v) for v in o.sweep_string_iterator()]
+        except HydraException:  # interval(...) etc.: only a sweeper plugin can enumerate it; leave it to Hydra
+            return None
+
     # One composition with every override's first value, plus one per other swept value.
-    choices = [[str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.get_value_element_as_str()]
-               for o in parsed]
+    parsed = [o for o in parsed if values(o) is not None]
+    choices = [values(o) for o in parsed]
     keys = [("+" if o.is_add() else "") + o.get_key_element() for o in parsed]
     base = [f"{k}={vals[0]}" for k, vals in zip(keys, choices, strict=False)]
     variants = [base] + [base[:i] + [f"{keys[i]}={v}"] + base[i + 1 :] for i, vals in enumerate(choices) for v in vals[1:]]
@@ -102,6 +126,7 @@ def preflight(overrides: list[str]) -> None:
 def run(cfg: DictConfig) -> dict[str, float] | None:
     """One job: owns the run directory's status from start to finish."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from robustft.rundir import RunDir
     from robustft.train import Interrupted, fit
@@ -113,8 +138,9 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     def on_term(signum: int, _frame: Any) -> None:
         raise Interrupted(f"received signal {signum}")  # preemption / scancel: record it, keep checkpoints
 
-    with contextlib.suppress(ValueError):  # only the main thread may set handlers
-        signal.signal(signal.SIGTERM, on_term)
+    if "SUBMITIT_EXECUTOR" not in os.environ:  # under submitit, its own handlers checkpoint and requeue
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            signal.signal(signal.SIGTERM, on_term)
     run_dir.start(
         seed=int(cfg.seed), task=cfg.task.name, method=cfg.method.name, model=cfg.model.name, tag=cfg.get("tag"),
         wall_time_s_before=run_dir.info.get("wall_time_s", 0.0),
@@ -126,7 +152,13 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         fail(str(e))
     except Interrupted as e:
         run_dir.finish("interrupted", str(e))
-        fail(f"{e}; rerun the same command with hydra.run.dir={run_dir.path} to resume", code=3)
+        hydra_cfg = HydraConfig.get()  # a sweep ignores hydra.run.dir: its job dirs live under hydra.sweep.dir
+        where = (f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()}" if hydra_cfg.mode == RunMode.MULTIRUN
+                 else f"hydra.run.dir={run_dir.path}")
+        fail(f"{e}; rerun the same command with {where} to resume", code=3)
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or submitit's handler exiting before a SLURM requeue
+        run_dir.finish("interrupted", f"{type(e).__name__}: {e}")
+        raise
     except BaseException as e:
         run_dir.finish("failed", f"{type(e).__name__}: {e}")
         raise
@@ -139,6 +171,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> Any:
+    quiet_libraries()  # again here: submitit jobs (SLURM, submitit_local) unpickle this function, not main()
     return run(cfg)
 
 
@@ -154,11 +187,14 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
     args = sys.argv[1:]
-    if not any(a in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion") or a.startswith("--cfg")
-               for a in args):
+    # The pre-flight knows only the packaged config: skip it for info commands and for another config
+    # dir/path/name (whose values are not overrides and whose groups it cannot see).
+    skip = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
+            "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun")
+    if not any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args):
         preflight([a for a in args if not a.startswith("-")])
+    quiet_libraries()
     _hydra_main()
 
 

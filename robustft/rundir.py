@@ -63,6 +63,7 @@ class RunDir:
 
     def start(self, seed: int, **fields: Any) -> None:
         attempts = self.info.get("attempts", 0) + 1
+        self.info.pop("error", None)  # a previous attempt's error does not belong to this one
         self.info.update(
             status="running",
             seed=seed,
