@@ -38,6 +38,10 @@ def _label_kwargs(task: DictConfig) -> dict:
 
 
 def load_tokenizer(model_cfg: DictConfig, ckpt_path: str | None = None):
+    if model_cfg.get("arch") == "glove_bow":  # non-transformer reference model (robustft/glove.py)
+        from robustft.glove import glove_tokenizer, vectors_module
+
+        return glove_tokenizer(vectors_module(model_cfg.pretrained))
     source = ckpt_path or resolve_pretrained(model_cfg.pretrained)
     return AutoTokenizer.from_pretrained(source)
 
@@ -48,7 +52,12 @@ def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = 
     `ckpt_path` (a save_pretrained folder, e.g. a run's checkpoints/best) takes precedence over the
     pretrained name. `num_layers=k` keeps the first k encoder layers with their pretrained weights.
     `random_init=true` builds the architecture from its config with fresh weights (tests).
+    `arch: glove_bow` builds the GloVe bag-of-words classifier of robustft/glove.py instead.
     """
+    if model_cfg.get("arch") == "glove_bow":
+        from robustft.glove import load_glove_model
+
+        return load_glove_model(model_cfg, task, ckpt_path)
     source = ckpt_path or resolve_pretrained(model_cfg.pretrained)
     extra = model_cfg.get("config_overrides")
     overrides = dict(OmegaConf.to_container(extra, resolve=True)) if extra else {}

@@ -22,12 +22,18 @@ class Predictor:
         self.device, self.amp, self.max_length, self.batch_size = device, amp, max_length, batch_size
         self.queries = 0
 
+    @property
+    def unk_token(self) -> str:
+        """The tokenizer's unknown token; attacks put it in place of a word to measure its importance."""
+        return getattr(self.tokenizer, "unk_token", None) or "[UNK]"
+
     @torch.no_grad()
     def logits(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
         """Raw model outputs, shape (n, num_labels); a regression model gives (n, 1)."""
         from robustft.train import autocast
 
-        self.model.eval()
+        if self.model.training:  # eval() walks every module: too slow to repeat per attack call
+            self.model.eval()
         self.queries += len(texts)
         if not texts:
             return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
@@ -35,14 +41,27 @@ class Predictor:
         lengths = [len(x) for x in enc_all["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
-        for s in range(0, len(texts), self.batch_size):
-            rows = order[s : s + self.batch_size]
+        for rows in self._batches(order, lengths):
             feats = {k: [enc_all[k][i] for i in rows] for k in enc_all.keys()}
             batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
             with autocast(self.device, self.amp):
                 logits = self.method.predict(self.model, batch)
             out[rows] = logits.float().cpu().numpy()
         return out
+
+    def _batches(self, order: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+        """Cut the length-sorted order into batches of at most batch_size whose lengths stay close.
+
+        An attack merges requests of many examples, so a batch can span short and long texts; on CPU the
+        cost follows padded tokens, so a batch also ends where the length grows by more than ~25%.
+        """
+        batches, start = [], 0
+        for k in range(1, len(order) + 1):
+            if k == len(order) or k - start >= self.batch_size or \
+                    lengths[order[k]] > 1.25 * lengths[order[start]] + 4:
+                batches.append(order[start:k])
+                start = k
+        return batches
 
     def probs(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
         logits = self.logits(texts)

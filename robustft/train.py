@@ -23,7 +23,7 @@ from robustft import checkpoint as ckpt
 from robustft.data import collate, epoch_batches, eval_batches, load_task, tokenize
 from robustft.dynamics import TrainingDynamics
 from robustft.errors import UserError
-from robustft.methods.base import Method, TrainContext
+from robustft.methods.base import LoopHandle, Method, TrainContext
 from robustft.metrics import main_metric, task_metrics
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
 from robustft.predict import Predictor
@@ -148,7 +148,10 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
     method: Method = instantiate(cfg.method)
-    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer)
+    if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
+        method = instantiate(cfg.selector, inner=method)
+    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer,
+                       extra={"cfg": cfg, "run": run})  # e.g. ftft composes and runs a reference config
     model = method.setup(model, ctx).to(device)
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
     metric_name = main_metric(task.name)
@@ -166,6 +169,9 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         train = tokenize(train_raw, tokenizer, task, int(tcfg.max_length))
         run.update(n_train=len(train), n_eval={s: len(d) for s, d in evals.items()})
         final.update(_train_loop(cfg, run, model, method, tokenizer, train, evals, device, amp, metric_name, ckpt_dir))
+        final.update(method.metrics(final))  # e.g. ftft: reference + main cost
+        final.setdefault("cost/total_flops", final["cost/train_flops"])  # all training compute of the run
+        final.setdefault("cost/total_wall_s", final["train/wall_s"])
 
     # Final evaluation of the best checkpoint on every held-out split.
     for split, ds in evals.items():
@@ -245,6 +251,8 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
         patience = int(tcfg.early_stopping_patience)
         return patience > 0 and p.bad_evals >= patience
 
+    # A method's own stage before the first step (weight_mixup's stage 1), resumable through save_last.
+    method.before_training(model, train, LoopHandle(log=run.log, save=save_last, amp=amp))
     bar = Bar(total=total, enabled=sys.stdout.isatty(), desc=f"{method.name} {task.name}")
     bar.update(p.step)
     window_loss, window_n, stop, batches = 0.0, 0, False, None

@@ -135,6 +135,7 @@ def test_slurm_array_job_script_run_and_requeue(tmp_path, tiny_overrides):
         assert flags["job-name"] == "robustft"
         assert flags["signal"] == "USR2@120"  # submitit checkpoints + requeues on USR2, 120 s before the limit
         assert flags["open-mode"] == "append"  # a requeued task appends to its logs
+        assert "#SBATCH --requeue" in script.splitlines()  # allowed even where JobRequeue=0
         assert "partition" not in flags  # partition: null
         assert flags["output"] == f"{sweep}/.submitit/%A_%a/%A_%a_0_log.out"
         assert flags["error"] == f"{sweep}/.submitit/%A_%a/%A_%a_0_log.err"

@@ -4,14 +4,17 @@ The training loop (robustft.train) calls, in order:
   setup(model, ctx)            -> model      wrap/modify the model (e.g. add layers)
   train_data(train, ctx)       -> Dataset    change the training data (selection, stresses)
   configure_optimizer(model)   -> optimizer
+  before_training(model, train, loop)        once, after a resume restored state, before the first step
   per batch: training_step(model, batch) -> StepOutput   (the loop calls loss.backward())
   per optimizer step: optimizer_step(optimizer, model) -> logs (after clipping, before scheduler)
   predict(model, batch)        -> logits     evaluation forward
   state_dict()/load_state_dict()             anything the method must carry across a resume
+  metrics(train_metrics)       -> dict       extra final metrics after training (e.g. ftft's reference cost)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,15 @@ class StepOutput:
     loss: torch.Tensor
     logits: torch.Tensor | None = None
     logs: dict[str, float] = field(default_factory=dict)  # scalars written to metrics.jsonl train rows
+
+
+@dataclass
+class LoopHandle:
+    """What `Method.before_training` may use of the loop."""
+
+    log: Callable[[dict[str, Any]], None]  # append a metrics.jsonl row
+    save: Callable[[], None]  # write checkpoints/last (method state, RNG, progress); a resume continues from it
+    amp: torch.dtype | None = None  # the run's autocast dtype (None = fp32)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,6 +97,13 @@ class Method:
         fused = next(model.parameters()).is_cuda  # fused AdamW is CUDA-only; foreach is the CPU default
         return torch.optim.AdamW(groups, lr=float(trainer.lr), fused=fused or None)
 
+    def before_training(self, model: nn.Module, train: Dataset, loop: LoopHandle) -> None:
+        """A stage of the method's own before the loop's first step (weight_mixup's bi-level stage 1).
+
+        `train` is the tokenized training set. Called on every start, also when resuming: the method's
+        state tells it what is left to do. Its cost is the method's to report (see `metrics`).
+        """
+
     # --- per-step hooks -----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**model_inputs(batch)).logits
@@ -100,6 +119,15 @@ class Method:
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**model_inputs(batch)).logits
+
+    # --- final metrics ------------------------------------------------------------------------
+    def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
+        """Extra metrics merged into metrics.json after training; gets the loop's train/ and cost/ metrics.
+
+        A method whose run spends training compute outside the loop (ftft's reference model) reports
+        `cost/total_flops` here; otherwise the runner sets it to `cost/train_flops`.
+        """
+        return {}
 
     # --- state carried across a resume --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
