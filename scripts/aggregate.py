@@ -6,7 +6,7 @@ Examples::
     python scripts/aggregate.py multirun/2024-05-01_12-00-00
     python scripts/aggregate.py multirun/... --metrics validation/accuracy advglue/overall
     python scripts/aggregate.py multirun/... --group-by method.name task.name
-    python scripts/aggregate.py multirun/... --relative-to method=vanilla --cost-metric cost/train_flops
+    python scripts/aggregate.py multirun/... --relative-to method=vanilla --cost-metric cost/total_flops
 
 Runs are found by searching the folder recursively for ``run_info.json`` (the layout of the folder does
 not matter, so several sweeps can be aggregated together by pointing at their common parent). Only runs
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for summary.md/.csv and runs.csv (default: sweep_dir)")
     parser.add_argument("--relative-to", metavar="KEY=VALUE",
                         help="add the cost of each configuration relative to this one, e.g. method=vanilla")
-    parser.add_argument("--cost-metric", default="cost/train_flops",
+    parser.add_argument("--cost-metric", default="cost/total_flops",
                         help="metrics.json key used by --relative-to (default: %(default)s)")
     return parser
 
