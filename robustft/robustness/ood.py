@@ -1,0 +1,224 @@
+"""Out-of-distribution test sets: sentiment (Yelp, IMDB) and NLI (MNLI, MNLI-hard, ANLI) evaluators.
+
+The sets are declared in conf/robustness/ood.yaml (file, reader, raw label -> label name). A set fits
+a model when the task is in the set's family and the label names agree, directly or after the
+configured 3-way <-> 2-way collapse; labels are always matched by name, never by position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from robustft.errors import UserError
+from robustft.predict import Predictor
+from robustft.robustness.base import EvalContext, Evaluator
+from robustft.robustness.common import label_names, require_classification, resolve_resource
+
+csv.field_size_limit(1 << 24)
+
+
+@dataclass
+class OODSet:
+    name: str
+    texts: list[tuple[str, ...]]
+    labels: list[str]  # label names of the set
+
+
+def clean_textfooler(text: str) -> str:
+    """Undo the CSV escaping of TextFooler's Yelp/IMDB samples.
+
+    810 Yelp texts are wrapped in quotes with inner quotes doubled and newlines written as a literal
+    backslash-n (MANIFEST); strip the wrapping quotes, turn the escapes (also \\uXXXX) back, and
+    collapse spaces.
+    """
+    if text.startswith('"'):
+        text = text[1:-1] if len(text) > 1 and text.endswith('"') else text[1:]
+    for escaped, plain in (("\\n", " "), ('\\""', '"'), ('\\ ""', '"'), ('""', '"'), ('\\"', '"')):
+        text = text.replace(escaped, plain)
+    text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)  # \u00e9 -> é
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _label(raw: str, mapping: Mapping[str, str], where: str) -> str:
+    key = str(raw).strip()
+    if key not in mapping:
+        raise UserError(f"{where}: label '{key}' is not in the set's label map {sorted(mapping)}; fix the file "
+                        "or the catalog entry in conf/robustness/ood.yaml")
+    return mapping[key]
+
+
+def read_set(name: str, spec: Mapping[str, Any], data_dir: Path | None, limit: int | None) -> OODSet:
+    """Read one catalog set (local file, or the hub when no data_dir is set and the entry has `hub`)."""
+    labels_map = {str(k): str(v) for k, v in spec["labels"].items()}
+    texts: list[tuple[str, ...]] = []
+    labels: list[str] = []
+    if data_dir is None:
+        return _read_hub(name, spec, limit)
+    path = resolve_resource(str(spec["file"]), data_dir, f"OOD set '{name}'")
+    reader = spec["reader"]
+    if reader == "textfooler":
+        n_fields = None
+        for lineno, line in enumerate(path.read_text("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.split("\t") if "\t" in line else line.split(" ", 1)
+            n_fields = n_fields or len(parts)
+            if len(parts) != n_fields or len(parts) < 2:
+                raise UserError(f"{path}:{lineno}: malformed line ({len(parts)} fields, expected {n_fields}); fix it")
+            fields = tuple(clean_textfooler(p) if spec.get("clean") else p for p in parts[1:])
+            texts.append(fields)
+            labels.append(_label(parts[0], labels_map, f"{path}:{lineno}"))
+    elif reader == "tsv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(rows)
+            try:
+                cols = [header.index(c) for c in spec["columns"]]
+                lab = header.index(spec["label_column"])
+            except ValueError as e:
+                raise UserError(f"{path}: header lacks a column ({e}); fix the catalog entry '{name}'") from None
+            for lineno, row in enumerate(rows, start=2):
+                if len(row) != len(header):
+                    raise UserError(f"{path}:{lineno}: malformed row ({len(row)} fields, expected {len(header)})")
+                texts.append(tuple(row[c] for c in cols))
+                labels.append(_label(row[lab], labels_map, f"{path}:{lineno}"))
+    elif reader == "lines":
+        columns = [(path / c).read_text("utf-8").splitlines() for c in [*spec["columns"], spec["label_column"]]]
+        if len({len(c) for c in columns}) != 1:
+            raise UserError(f"{path}: files {[*spec['columns'], spec['label_column']]} differ in line count")
+        *fields, raw = columns
+        texts = list(zip(*fields))
+        labels = [_label(x, labels_map, f"{path / spec['label_column']}:{i + 1}") for i, x in enumerate(raw)]
+    elif reader == "jsonl":
+        for lineno, line in enumerate(path.read_text("utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                texts.append(tuple(str(row[c]) for c in spec["columns"]))
+                labels.append(_label(row[spec["label_column"]], labels_map, f"{path}:{lineno}"))
+    else:
+        raise UserError(f"OOD set '{name}' has unknown reader '{reader}'; use textfooler, tsv, lines or jsonl")
+    if limit is not None:
+        texts, labels = texts[:limit], labels[:limit]
+    return OODSet(name, texts, labels)
+
+
+def _read_hub(name: str, spec: Mapping[str, Any], limit: int | None) -> OODSet:
+    hub = spec.get("hub")
+    if not hub:
+        raise UserError(f"OOD set '{name}' exists only as a local file; set data_dir=/path/to/data (shared/data layout)")
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+    except Exception as e:  # noqa: BLE001 - any hub failure has the same fix
+        raise UserError(f"could not load {hub['path']} ({type(e).__name__}); offline, set data_dir") from None
+    mapping = {str(k): str(v) for k, v in hub["labels"].items()}
+    rows = [r for r in ds if str(r["label"]) in mapping]  # hub NLI sets mark unlabelled rows with -1
+    if limit is not None:
+        rows = rows[:limit]
+    return OODSet(name, [tuple(str(r[c]) for c in hub["columns"]) for r in rows],
+                  [mapping[str(r["label"])] for r in rows])
+
+
+def set_label_names(spec: Mapping[str, Any]) -> list[str]:
+    return list(dict.fromkeys(str(v) for v in spec["labels"].values()))
+
+
+def reconcile(model_labels: Sequence[str], set_labels: Sequence[str], collapse: Mapping[str, str] | None) -> bool | None:
+    """True = compare after collapsing, False = compare directly, None = the label spaces do not fit."""
+    if set(set_labels) <= set(model_labels) and len(set_labels) == len(model_labels):
+        return False
+    if collapse:
+        c = dict(collapse)
+        if {c.get(x, x) for x in model_labels} == {c.get(x, x) for x in set_labels}:
+            return True
+    return None
+
+
+def to_py(x: Any) -> Any:
+    """Plain Python containers from OmegaConf ones (instantiate hands over DictConfigs)."""
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+class OOD(Evaluator):
+    """Accuracy on every selected out-of-distribution set."""
+
+    def __init__(self, catalog: Mapping[str, Any], families: Mapping[str, Sequence[str]], sets: Any = "auto",
+                 max_examples: int | None = None, collapse: Mapping[str, str] | None = None,
+                 name: str | None = None) -> None:
+        self.catalog: dict[str, dict[str, Any]] = {k: dict(to_py(v)) for k, v in to_py(catalog).items()}
+        self.families = {k: [str(t) for t in v] for k, v in to_py(families).items()}
+        self.sets = sets if isinstance(sets, str) else [str(s) for s in sets]
+        self.max_examples = None if max_examples is None else int(max_examples)
+        self.collapse = dict(to_py(collapse)) if collapse else None
+        if name:
+            self.name = name
+
+    def fits(self, set_name: str, task: DictConfig) -> str | None:
+        """None if the set fits the task, else the reason it does not."""
+        spec = self.catalog[set_name]
+        family = str(spec.get("family"))
+        if str(task.name) not in self.families.get(family, []):
+            return f"it is a {family} set and task {task.name} is not in families.{family} {self.families.get(family, [])}"
+        n_fields = len(spec.get("columns") or []) or (1 if family == "sentiment" else 2)
+        if n_fields != len(task.text_fields):
+            return f"it has {n_fields} text field(s) and task {task.name} has {len(task.text_fields)}"
+        if reconcile(label_names(task), set_label_names(spec), self.collapse) is None:
+            return (f"its labels {set_label_names(spec)} do not match {label_names(task)}"
+                    f"{'' if self.collapse else ' (no collapse configured)'}")
+        return None
+
+    def selected(self, task: DictConfig) -> list[str]:
+        if self.sets == "auto":
+            chosen = [s for s, spec in self.catalog.items()
+                      if self.fits(s, task) is None and str(task.name) not in (spec.get("skip_for") or [])]
+            if not chosen:
+                raise UserError(f"ood has no set for task {task.name}; its sets are for "
+                                f"{self.families}: drop ood for this task")
+            return chosen
+        unknown = [s for s in self.sets if s not in self.catalog]
+        if unknown:
+            raise UserError(f"robustness.{self.name}.sets has unknown {unknown}; choose from {list(self.catalog)}")
+        for s in self.sets:
+            why = self.fits(s, task)
+            if why:
+                raise UserError(f"OOD set {s} does not fit task {task.name}: {why}; drop it from robustness.{self.name}.sets")
+        return list(self.sets)
+
+    def check(self, task: DictConfig, data_dir: Path | None) -> None:
+        require_classification(task, self.name)
+        for s in self.selected(task):
+            spec = self.catalog[s]
+            if data_dir is not None:
+                resolve_resource(str(spec["file"]), data_dir, f"OOD set '{s}'", f"robustness.{self.name}.catalog.{s}.file")
+            elif not spec.get("hub"):
+                raise UserError(f"OOD set '{s}' exists only as a local file; set data_dir=/path/to/data")
+
+    def evaluate(self, predictor: Predictor, ctx: EvalContext) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics: dict[str, float] = {}
+        records: list[dict[str, Any]] = []
+        model_labels = label_names(ctx.task)
+        c = self.collapse or {}
+        for s in self.selected(ctx.task):
+            data = read_set(s, self.catalog[s], ctx.data_dir, self.max_examples)
+            collapsed = bool(reconcile(model_labels, set_label_names(self.catalog[s]), self.collapse))
+            raw = [model_labels[i] for i in predictor.logits(data.texts).argmax(axis=1)]
+            # 3-way -> 2-way: argmax first, then map the predicted name (as for HANS), not a sum of probs.
+            preds = [c.get(p, p) if collapsed else p for p in raw]
+            gold = [c.get(g, g) if collapsed else g for g in data.labels]
+            correct = np.array([p == g for p, g in zip(preds, gold)])
+            metrics[f"{s}_accuracy"] = float(correct.mean()) if len(correct) else float("nan")
+            metrics[f"{s}_n"] = float(len(correct))
+            for i, (t, g, p, r, ok) in enumerate(zip(data.texts, gold, preds, raw, correct)):
+                records.append({"set": s, "row": i, "text": list(t), "label": g, "pred": p, "model_pred": r,
+                                "collapsed": collapsed, "correct": bool(ok)})
+        return metrics, records
