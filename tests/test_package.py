@@ -36,6 +36,7 @@ def test_hub_path_maps_splits_and_columns(monkeypatch):
         return DatasetDict({"train": split, "validation": split, "test": split})
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
+    monkeypatch.delenv("ROBUSTFT_DATA_DIR", raising=False)
     task = OmegaConf.load(CONF_DIR / "task" / "snli.yaml")
     ds = data_mod.load_task(task, None, seed=0)
     assert calls == [("stanfordnlp/snli", None)]
