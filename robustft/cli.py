@@ -123,6 +123,19 @@ def preflight(overrides: list[str]) -> None:
                     fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
 
 
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The job config as the CLI composes it, without the `hydra` node (for scripts, tests, references)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides or []))
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
 def run(cfg: DictConfig) -> dict[str, float] | None:
     """One job: owns the run directory's status from start to finish."""
     from hydra.core.hydra_config import HydraConfig

@@ -70,18 +70,9 @@ class OneByOne:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from robustft.cli import compose_config
 
-    from robustft.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(overrides)
 
 
 def train_quick_model(out: Path, data_dir: str) -> Path:

@@ -78,17 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def compose_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from robustft.cli import compose_config
 
-    from robustft.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(overrides)
 
 
 class Arm:

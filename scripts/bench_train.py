@@ -125,18 +125,9 @@ def quiet() -> None:
 
 
 def compose_cfg(overrides: list[str]):
-    """The app config as the CLI composes it (as tests/conftest.py::make_cfg does)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from robustft.cli import compose_config
 
-    from robustft.cli import CONF_DIR  # also registers the config's resolvers
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(overrides)
 
 
 def loadavg() -> float | None:

@@ -111,17 +111,9 @@ def overrides(args: argparse.Namespace, arm: str) -> list[str]:
 
 
 def compose_cfg(over: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from robustft.cli import compose_config
 
-    from robustft.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=over)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(over)
 
 
 # --- 1. per-step cost -----------------------------------------------------------------------------

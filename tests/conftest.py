@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from robustft.cli import CONF_DIR
+from robustft.cli import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("ROBUSTFT_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
@@ -24,12 +23,7 @@ def needs_data() -> pytest.MarkDecorator:
 
 def make_cfg(overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
     """Compose the app config as the CLI would (hydra.* interpolations resolved away)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"data_dir={DATA_DIR}", *(overrides or [])])
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config([f"data_dir={DATA_DIR}", *(overrides or [])])
 
 
 @pytest.fixture
