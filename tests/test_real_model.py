@@ -1,8 +1,8 @@
 """The embedded real model (minilm) fine-tuned on a real SST-2 slice must clearly learn.
 
-Slice and floor chosen from measurement (see the README): 4,000 training examples, 1 epoch, lr 1e-4
-gives about 0.83 dev accuracy; the floor leaves room for seed and thread-count noise, far above
-chance (0.51 = the majority class).
+Slice and floor chosen from measurement: 4,000 training examples, 1 epoch, lr 1e-4 gave dev accuracy
+0.821 (seed 1) and 0.803 (seed 2) here; the floor leaves room for seed and thread-count noise and is far
+above chance (0.509 = the majority class).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from robustft.rundir import RunDir
 from robustft.train import fit
 from tests.conftest import make_cfg, needs_data
 
-N_TRAIN, FLOOR = 4000, 0.80
+N_TRAIN, FLOOR = 4000, 0.78
 
 
 @needs_data()
