@@ -430,6 +430,7 @@ def _split_commas(values: Sequence[str] | None) -> list[str] | None:
 def aggregate(args: argparse.Namespace) -> None:
     """Load, summarise, print and write; raises AggregateError on bad input."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     root: Path = args.sweep_dir
@@ -470,7 +471,7 @@ def aggregate(args: argparse.Namespace) -> None:
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
     for c in cells:
-        table.add_row(*c)
+        table.add_row(*(escape(str(x)) for x in c))  # `robustness=[advglue]` is not rich markup
     console.print(table)
     for row in rows:
         if row["duplicate_seeds"]:
