@@ -30,18 +30,11 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _bench_env import REPO  # noqa: E402  (offline flags + repo on sys.path)
 
 # arm -> (config overrides, target ratio vs vanilla or None)
 ARMS: dict[str, tuple[list[str], float | None]] = {

@@ -55,13 +55,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _bench_env import REPO  # noqa: E402  (offline flags + repo on sys.path)
 
 ARMS = ("robustft", "hf_dynamic", "hf_maxlen")
 DEFAULT_EXAMPLES = {"sst2": 1024, "rte": 256}  # RTE pairs average ~67 tokens (SST-2 ~13): fewer of them

@@ -218,11 +218,12 @@ def test_match_tuning_with_rose_trains_and_resumes_exactly(tmp_path, tiny_overri
 
 
 @needs_data()
-def test_bench_methods_script_runs_every_arm(tmp_path, capsys):
+def test_bench_methods_script_runs_every_arm(tmp_path, capsys, monkeypatch):
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "bench_methods.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: scripts/ is on sys.path
     spec = importlib.util.spec_from_file_location("bench_methods", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
