@@ -23,7 +23,7 @@ from robustft import checkpoint as ckpt
 from robustft.data import collate, epoch_batches, eval_batches, load_task, tokenize
 from robustft.dynamics import TrainingDynamics
 from robustft.errors import UserError
-from robustft.methods.base import LoopHandle, Method, TrainContext
+from robustft.methods.base import LoopHandle, Method, TrainContext, task_loss
 from robustft.metrics import main_metric, task_metrics
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
 from robustft.predict import Predictor
@@ -111,7 +111,6 @@ def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, ba
     preds: list[np.ndarray] = []
     order: list[int] = []
     loss_sum, t0 = 0.0, time.perf_counter()
-    from robustft.methods.base import task_loss
 
     for rows in eval_batches(ds, batch_size):
         batch = to_device(collate(ds, rows, tokenizer, task.is_regression), device)
