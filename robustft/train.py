@@ -29,6 +29,7 @@ from robustft.models import checkpoint_dir_ok, count_params, load_model, load_to
 from robustft.predict import Predictor
 from robustft.progress import Progress as Bar
 from robustft.robustness.base import build_evaluators, run_evaluators
+from robustft.robustness.ood import dev_split
 from robustft.rundir import RunDir
 from robustft.stress import apply_stress
 
@@ -152,6 +153,9 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer,
                        extra={"cfg": cfg, "run": run})  # e.g. ftft composes and runs a reference config
     model = method.setup(model, ctx).to(device)
+    eval_split = str(tcfg.get("eval_split") or "validation")
+    if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)
+        data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
     metric_name = main_metric(task.name)
     ckpt_dir = run.path / "checkpoints"
@@ -160,14 +164,15 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         device=str(device),
         precision="bf16" if amp is not None else "fp32",
         n_params=count_params(model),
-        main_metric=f"validation/{metric_name}",
+        main_metric=f"{eval_split}/{metric_name}",
     )
     final: dict[str, float] = {}
     if cfg.train:
         train_raw = method.train_data(data["train"], ctx)
         train = tokenize(train_raw, tokenizer, task, int(tcfg.max_length))
         run.update(n_train=len(train), n_eval={s: len(d) for s, d in evals.items()})
-        final.update(_train_loop(cfg, run, model, method, tokenizer, train, evals, device, amp, metric_name, ckpt_dir))
+        final.update(_train_loop(cfg, run, model, method, tokenizer, train, evals, device, amp, metric_name, ckpt_dir,
+                                 eval_split))
         final.update(method.metrics(final))  # e.g. ftft: reference + main cost
         final.setdefault("cost/total_flops", final["cost/train_flops"])  # all training compute of the run
         final.setdefault("cost/total_wall_s", final["train/wall_s"])
@@ -197,7 +202,7 @@ def resolve_ckpt_path(path: str | None) -> str | None:
 
 
 def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Dataset, evals: dict[str, Dataset],
-                device, amp, metric_name: str, ckpt_dir: Path) -> dict[str, float]:
+                device, amp, metric_name: str, ckpt_dir: Path, eval_split: str = "validation") -> dict[str, float]:
     tcfg, task, seed = cfg.trainer, cfg.task, int(cfg.seed)
     batch_size, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
     n_batches = math.ceil(len(train) / batch_size)
@@ -235,8 +240,8 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
     def run_eval() -> bool:
         """Evaluate, keep the best checkpoint; returns True when early stopping says stop."""
         nonlocal best_state
-        metrics, _ = evaluate(model, method, evals["validation"], tokenizer, task, int(tcfg.eval_batch_size), device, amp)
-        run.log({"step": p.step, "epoch": p.epoch, "split": "validation", **metrics})
+        metrics, _ = evaluate(model, method, evals[eval_split], tokenizer, task, int(tcfg.eval_batch_size), device, amp)
+        run.log({"step": p.step, "epoch": p.epoch, "split": eval_split, **metrics})
         value = metrics[metric_name]
         log.info("step %d eval: %s", p.step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if p.best_metric is None or value > p.best_metric:
@@ -325,7 +330,7 @@ def _train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datas
         "train/examples_per_s": p.examples / p.train_time_s if p.train_time_s else float("nan"),
         "train/stopped_early": float(p.stopped_early),
         "best/step": p.best_step,
-        f"best/validation_{metric_name}": p.best_metric,
+        f"best/{eval_split}_{metric_name}": p.best_metric,
         "cost/train_tokens": p.tokens,
         "cost/train_flops": float(flops_per_token * p.tokens),
     }

@@ -211,3 +211,25 @@ def test_early_stopping_stops_at_the_right_eval_with_the_best_checkpoint(tmp_pat
     assert not all(torch.equal(final[k], evaluated[3][k]) for k in final)
     assert metrics["cost/total_flops"] == metrics["cost/train_flops"]  # no reference: total = the loop's cost
     assert np.isfinite(metrics["cost/total_wall_s"])
+
+
+@needs_data()
+def test_eval_split_early_stops_on_an_ood_set(tmp_path, tiny_overrides):
+    """trainer.eval_split=yelp: the loop evaluates (and keeps the best checkpoint) on Yelp, not SST-2 dev."""
+    over = [*tiny_overrides, "trainer.eval_split=yelp", "trainer.eval_max_examples=24", "trainer.save_checkpoints=false"]
+    metrics = fit(make_cfg(over), RunDir(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] != "train"]
+    assert evals and {r["split"] for r in evals} == {"yelp"}
+    assert metrics["best/yelp_accuracy"] == max(r["accuracy"] for r in evals)
+    assert "validation/accuracy" in metrics and "yelp/accuracy" in metrics  # both scored at the end
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["main_metric"] == "yelp/accuracy" and info["n_eval"]["yelp"] == 24
+
+
+@needs_data()
+@pytest.mark.parametrize("split, problem", [("nope", "neither 'validation' nor an OOD set"),
+                                            ("anli_r1", "do not match task sst2")])
+def test_eval_split_rejects_unknown_or_misfit_sets(tmp_path, tiny_overrides, split, problem):
+    with pytest.raises(UserError, match=problem):
+        fit(make_cfg([*tiny_overrides, f"trainer.eval_split={split}"]), RunDir(tmp_path))

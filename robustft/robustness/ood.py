@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from robustft.errors import UserError
@@ -147,6 +148,39 @@ def reconcile(model_labels: Sequence[str], set_labels: Sequence[str], collapse: 
 def to_py(x: Any) -> Any:
     """Plain Python containers from OmegaConf ones (instantiate hands over DictConfigs)."""
     return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def catalog(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The OOD catalog: robustness.ood's when it is composed, else the packaged conf/robustness/ood.yaml."""
+    composed = OmegaConf.select(cfg, "robustness.ood.catalog")
+    if composed is None:
+        composed = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "robustness" / "ood.yaml").catalog
+    return {k: dict(to_py(v)) for k, v in to_py(composed).items()}
+
+
+def dev_split(name: str, cfg: DictConfig, limit: int | None) -> Dataset:
+    """An OOD catalog set as an evaluation split of the task (trainer.eval_split: early stopping on OOD data).
+
+    Only sets whose label names are the task's own qualify: a collapsed set (3-way gold, 2-way model)
+    scores argmax-then-map, which the loop's task metrics cannot express.
+    """
+    task, sets = cfg.task, catalog(cfg)
+    if name not in sets:
+        raise UserError(f"trainer.eval_split={name} is neither 'validation' nor an OOD set; choose from "
+                        f"validation, {', '.join(sets)} (conf/robustness/ood.yaml)")
+    require_classification(task, f"trainer.eval_split={name}")
+    spec, names = sets[name], label_names(task)
+    n_fields = len(spec.get("columns") or []) or (1 if spec.get("family") == "sentiment" else 2)
+    if n_fields != len(task.text_fields) or reconcile(names, set_label_names(spec), None) is not False:
+        raise UserError(f"trainer.eval_split={name}: its labels {set_label_names(spec)} / {n_fields} text field(s) "
+                        f"do not match task {task.name} ({names}); pick a set of the same task family")
+    data_dir = None if cfg.data_dir is None else Path(str(cfg.data_dir)).expanduser()
+    data = read_set(name, spec, data_dir, limit)
+    columns: dict[str, list[Any]] = {"idx": list(range(len(data.texts)))}
+    for i, field in enumerate(task.text_fields):
+        columns[str(field)] = [t[i] for t in data.texts]
+    columns["label"] = [names.index(g) for g in data.labels]
+    return Dataset.from_dict(columns)
 
 
 class OOD(Evaluator):
