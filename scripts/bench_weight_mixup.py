@@ -117,7 +117,7 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from robustft.data import collate, load_task, tokenize
-    from robustft.methods.base import TrainContext, model_inputs, task_loss
+    from robustft.methods.base import TrainContext, adamw, model_inputs, task_loss
     from robustft.models import load_model, load_tokenizer
 
     cfg = compose_cfg(overrides(args, "weight_mixup"))
@@ -142,7 +142,7 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     b_tr = [batch(method.batch_rows(tr, s, 0, 0)) for s in range(args.steps)]
     b_val = [batch(method.batch_rows(val, s, 0, 1)) for s in range(args.steps)]
     named = [(n, p) for n, p in plain.named_parameters()]
-    opt = torch.optim.AdamW([p for _, p in named], lr=2e-5, weight_decay=0.01)
+    opt = adamw([{"params": [p for _, p in named], "weight_decay": 0.01}], 2e-5, device)  # the loop's (fused) AdamW
     plain.train()
     mixed_model.train()
 
