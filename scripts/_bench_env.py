@@ -11,3 +11,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def quiet() -> None:
+    """Silence library logging and progress bars so the bench prints only its measurements."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("robustft").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")

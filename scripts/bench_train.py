@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import platform
@@ -51,11 +50,10 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from _bench_env import REPO  # noqa: E402  (offline flags + repo on sys.path)
+from _bench_env import REPO, quiet  # noqa: E402  (offline flags + repo on sys.path)
 
 ARMS = ("robustft", "hf_dynamic", "hf_maxlen")
 DEFAULT_EXAMPLES = {"sst2": 1024, "rte": 256}  # RTE pairs average ~67 tokens (SST-2 ~13): fewer of them
@@ -104,18 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.batch_size < 1 or args.epochs < 1:
         p.error("--repeats, --batch-size and --epochs must be >= 1")
     return args
-
-
-def quiet() -> None:
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    logging.getLogger("robustft").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
 
 
 def compose_cfg(overrides: list[str]):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import statistics
@@ -34,11 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from _bench_env import REPO  # noqa: E402  (offline flags + repo on sys.path)
+from _bench_env import REPO, quiet  # noqa: E402  (offline flags + repo on sys.path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,17 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir} is not a folder (expected the layout of shared/data)")
     return args
-
-
-def quiet() -> None:
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("robustft").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
 
 
 def loadavg() -> float | None:
