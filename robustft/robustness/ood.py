@@ -130,6 +130,11 @@ def _read_hub(name: str, spec: Mapping[str, Any], limit: int | None) -> OODSet:
                   [mapping[str(r["label"])] for r in rows])
 
 
+def text_fields(spec: Mapping[str, Any]) -> int:
+    """How many texts a row of the set has (sentiment sets without `columns`: 1; NLI: 2)."""
+    return len(spec.get("columns") or []) or (1 if spec.get("family") == "sentiment" else 2)
+
+
 def set_label_names(spec: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(str(v) for v in spec["labels"].values()))
 
@@ -170,7 +175,7 @@ def dev_split(name: str, cfg: DictConfig, limit: int | None) -> Dataset:
                         f"validation, {', '.join(sets)} (conf/robustness/ood.yaml)")
     require_classification(task, f"trainer.eval_split={name}")
     spec, names = sets[name], label_names(task)
-    n_fields = len(spec.get("columns") or []) or (1 if spec.get("family") == "sentiment" else 2)
+    n_fields = text_fields(spec)
     if n_fields != len(task.text_fields) or reconcile(names, set_label_names(spec), None) is not False:
         raise UserError(f"trainer.eval_split={name}: its labels {set_label_names(spec)} / {n_fields} text field(s) "
                         f"do not match task {task.name} ({names}); pick a set of the same task family")
@@ -203,7 +208,7 @@ class OOD(Evaluator):
         family = str(spec.get("family"))
         if str(task.name) not in self.families.get(family, []):
             return f"it is a {family} set and task {task.name} is not in families.{family} {self.families.get(family, [])}"
-        n_fields = len(spec.get("columns") or []) or (1 if family == "sentiment" else 2)
+        n_fields = text_fields(spec)
         if n_fields != len(task.text_fields):
             return f"it has {n_fields} text field(s) and task {task.name} has {len(task.text_fields)}"
         if reconcile(label_names(task), set_label_names(spec), self.collapse) is None:
