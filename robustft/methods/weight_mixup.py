@@ -132,17 +132,18 @@ def scratch(slot: str, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mix_fast(weight: torch.Tensor, weight0: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, paper: bool,
              reuse: bool = False) -> torch.Tensor:
-    """`mix` without autograd: four passes over the weight; `reuse` writes into scratch buffers (no allocation)."""
+    """`mix` without autograd: three passes over the weight (the mixing is memory-bound, so passes are its
+    cost); `reuse` writes into scratch buffers (no allocation)."""
     out = scratch("mix", weight) if reuse else torch.empty_like(weight)
     tmp = scratch("tmp", weight) if reuse else torch.empty_like(weight)
     if paper:  # W0 + alpha (W - W0)
-        torch.sub(weight, weight0, out=tmp)
-        tmp.mul_(a2).mul_(a1)
-        return torch.add(weight0, tmp, out=out)
-    torch.mul(weight, a2, out=out)
-    out.mul_(a1)  # (W a2) a1 = alpha * W up to the order of two roundings
-    torch.mul(weight0, 1 - a2, out=tmp)
-    return out.addcmul_(tmp, 1 - a1)  # + (1 - a1)(1 - a2)^T * W0, official blo.py
+        torch.sub(weight, weight0, out=tmp).mul_(a2)
+        return torch.addcmul(weight0, tmp, a1, out=out)
+    torch.mul(weight, a2, out=out)  # W a2
+    torch.mul(weight0, 1 - a2, out=tmp)  # W0 (1 - a2)
+    # a1 (W a2) + (1 - a1) W0 (1 - a2): alpha W + (1 - a1)(1 - a2)^T W0 (official blo.py), in one pass.
+    # lerp gives exactly W a2 where a1 = 1, so alpha = 1 is still the plain layer bit for bit.
+    return torch.lerp(tmp, out, a1, out=out)
 
 
 def perturbed(weight: torch.Tensor, delta: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -380,6 +381,7 @@ class WeightMixup(Method):
         self._model: nn.Module | None = None
         self._amp: torch.dtype | None = None
         self._window: list[list[float]] = []
+        self._fd_buffers: dict[str, torch.Tensor] | None = None  # W + eps v for the non-mixed parameters
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -524,6 +526,7 @@ class WeightMixup(Method):
             if self.fold < self.folds:
                 loop.save()
         self.average(model)
+        self._fd_buffers = None
         self.stage1_done = True
         loop.save()
 
@@ -649,8 +652,9 @@ class WeightMixup(Method):
             group = self._group_of[id(p)]
             beta2, eps = group["betas"][1], group["eps"]
             t = float(state["step"])
-            denom = (torch.sqrt(torch.mean(beta2 * state["exp_avg_sq"])) + eps) / math.sqrt(1 - beta2**t)
-            out.append(vec / denom)
+            # beta2 * mean(v) rather than mean(beta2 * v): no weight-sized temporary; stays on the device
+            denom = (torch.sqrt(state["exp_avg_sq"].mean() * beta2) + eps) / math.sqrt(1 - beta2**t)
+            out.append(vec.div_(denom))  # in place: v is the fresh validation gradient, used only here
         return out
 
     def hypergradient(self, model: nn.Module, b_tr: dict[str, torch.Tensor], b_val: dict[str, torch.Tensor]
@@ -675,7 +679,9 @@ class WeightMixup(Method):
         """[d_alpha L(W + eps v) - d_alpha L(W - eps v)] / (2 eps) on one batch, same dropout masks both times."""
         by_id = dict(zip((id(p) for p in self._inner_list), v))
         names = dict(self.non_mixed_params(model))
-        buffers = {n: torch.empty_like(p) for n, p in names.items()}
+        if self._fd_buffers is None:  # reused across steps: fresh allocations page-fault on CPU every time
+            self._fd_buffers = {n: torch.empty_like(p) for n, p in names.items()}
+        buffers = self._fd_buffers
         rng = _rng_state(self.ctx.device)
         grads = []
         for sign in (1.0, -1.0):
