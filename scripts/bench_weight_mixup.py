@@ -119,6 +119,7 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=args.seed, tokenizer=tokenizer)
     mixed_model = method.setup(mixed_model, ctx)
     train = tokenize(method.train_data(data["train"], ctx), tokenizer, cfg.task, int(cfg.trainer.max_length))
+    method._lengths = [len(x) for x in train["input_ids"]]  # as run_stage1: length-grouped stage-1 batches
     tr, val = method.fold_split(len(train), 0)
     total = method.steps_per_fold(len(tr))
     method.start_fold(mixed_model, 0)

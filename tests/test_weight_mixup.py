@@ -399,6 +399,14 @@ def test_stage1_batches_cover_the_fold_each_epoch():
     per_epoch = [method.batch_rows(tr, s, 0, 0) for s in range(5)]
     assert sorted(i for b in per_epoch for i in b) == sorted(tr.tolist())
     assert method.steps_per_fold(18) == 15  # 3 epochs x ceil(18 / 4)
+    # length-grouped (the default once run_stage1 knows the lengths): still each row once per epoch,
+    # and batches hold rows of similar length
+    method._lengths = [i % 7 + 3 * (i % 2) for i in range(23)]
+    grouped = [method.batch_rows(tr, s, 0, 0) for s in range(5)]
+    assert sorted(i for b in grouped for i in b) == sorted(tr.tolist())
+    spread = sum(max(method._lengths[i] for i in b) * len(b) for b in grouped)
+    assert spread <= sum(max(method._lengths[i] for i in b) * len(b) for b in per_epoch)
+    assert grouped != per_epoch
 
 
 def test_collate_of_stage1_batches(tokenizer):

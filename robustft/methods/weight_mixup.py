@@ -92,7 +92,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from robustft.data import collate
+from robustft.data import collate, length_grouped_order
 from robustft.errors import UserError
 from robustft.methods.base import LoopHandle, Method, TrainContext, adamw, model_inputs, no_decay, task_loss
 
@@ -340,7 +340,7 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 # --- the method -----------------------------------------------------------------------------------------
 class WeightMixup(Method):
-    STAGE1 = {"epochs": 3, "batch_size": 16, "train_fraction": 0.8}
+    STAGE1 = {"epochs": 3, "batch_size": 16, "train_fraction": 0.8, "group_by_length": True}
     INNER = {"lr": 2e-5, "weight_decay": 0.01, "warmup_ratio": 0.1, "schedule": "linear", "max_grad_norm": 5.0}
     OUTER = {"lr": 2e-3, "weight_decay": 0.0, "warmup_ratio": 0.1, "schedule": "cosine"}
     FD = {"radius": 0.01, "precondition": "adam"}
@@ -382,6 +382,7 @@ class WeightMixup(Method):
         self._amp: torch.dtype | None = None
         self._window: list[list[float]] = []
         self._fd_buffers: dict[str, torch.Tensor] | None = None  # W + eps v for the non-mixed parameters
+        self._lengths: list[int] | None = None  # token counts of the training rows (length-grouped batches)
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -450,10 +451,20 @@ class WeightMixup(Method):
         return math.ceil(float(self.stage1["epochs"]) * math.ceil(n_tr / int(self.stage1["batch_size"])))
 
     def batch_rows(self, pool: np.ndarray, step: int, fold: int, level: int) -> list[int]:
-        """Batch `step` of a level's endless walk through seeded per-epoch permutations of `pool`."""
+        """Batch `step` of a level's endless walk through seeded per-epoch permutations of `pool`.
+
+        Departure: with `stage1.group_by_length` (and the lengths known, see run_stage1) each epoch's
+        batches are length-grouped like the runner's loop; the official code draws plain random batches
+        (`group_by_length=false`). It changes which examples share a batch, not the objective, and cuts
+        padding (RTE, N=300: 1.8x fewer padded tokens per stage-1 epoch).
+        """
         bs = int(self.stage1["batch_size"])
         epoch, b = divmod(step, math.ceil(len(pool) / bs))
-        order = np.random.default_rng([self.ctx.seed, _SPLIT_KEY, fold, level, epoch]).permutation(pool)
+        rng = np.random.default_rng([self.ctx.seed, _SPLIT_KEY, fold, level, epoch])
+        if self._lengths is not None and self.stage1["group_by_length"]:
+            order = pool[length_grouped_order([self._lengths[i] for i in pool], bs, rng)]
+        else:
+            order = rng.permutation(pool)
         return order[b * bs : (b + 1) * bs].tolist()
 
     def start_fold(self, model: nn.Module, fold: int) -> None:
@@ -493,6 +504,7 @@ class WeightMixup(Method):
         else:
             self.sums = {k: v.to(device) for k, v in self.sums.items()}
         log_every, save_every = int(tcfg.log_every), int(tcfg.save_every)
+        self._lengths = [len(x) for x in train["input_ids"]]
         model.train()
         while self.fold < self.folds:
             tr, val = self.fold_split(n, self.fold)
