@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -119,9 +120,19 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=args.seed, tokenizer=tokenizer)
     mixed_model = method.setup(mixed_model, ctx)
     train = tokenize(method.train_data(data["train"], ctx), tokenizer, cfg.task, int(cfg.trainer.max_length))
-    method._lengths = [len(x) for x in train["input_ids"]]  # as run_stage1: length-grouped stage-1 batches
     tr, val = method.fold_split(len(train), 0)
     total = method.steps_per_fold(len(tr))
+    lengths = [len(x) for x in train["input_ids"]]
+    padded = {}  # tokens incl. padding in one stage-1 epoch of D_tr, random vs length-grouped batches
+    for grouped in (False, True):
+        method._lengths = lengths if grouped else None
+        rows = [method.batch_rows(tr, s, 0, 0) for s in range(math.ceil(len(tr) / args.batch_size))]
+        padded["grouped" if grouped else "random"] = sum(max(lengths[i] for i in b) * len(b) for b in rows)
+    say(f"  padded D_tr tokens per stage-1 epoch: random batches {padded['random']}, length-grouped "
+        f"{padded['grouped']} ({padded['random'] / padded['grouped']:.2f}x fewer)")
+    # Timed steps use random batches: a length-grouped D_val batch is unrelated in length to its D_tr
+    # batch, so one outer step would not compare with one vanilla step on the D_tr batch.
+    method._lengths = None
     method.start_fold(mixed_model, 0)
 
     def batch(rows):
@@ -188,7 +199,8 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     tokens = float(np.mean([int(b["attention_mask"].sum()) for b in b_tr]))
     return {"vanilla_step_s": med["vanilla"], "outer_step_s": med["outer"], "ratio": med["outer"] / med["vanilla"],
             "phases_s": {k: statistics.median(v) for k, v in phases.items()}, "runs": times,
-            "batch_size": args.batch_size, "mean_tokens_per_batch": tokens, "loadavg": loads}
+            "batch_size": args.batch_size, "mean_tokens_per_batch": tokens, "padded_tokens_per_epoch": padded,
+            "loadavg": loads}
 
 
 # --- 2. whole method, one subprocess per arm --------------------------------------------------------

@@ -456,7 +456,7 @@ class WeightMixup(Method):
         Departure: with `stage1.group_by_length` (and the lengths known, see run_stage1) each epoch's
         batches are length-grouped like the runner's loop; the official code draws plain random batches
         (`group_by_length=false`). It changes which examples share a batch, not the objective, and cuts
-        padding (RTE, N=300: 1.8x fewer padded tokens per stage-1 epoch).
+        padding (`scripts/bench_weight_mixup.py` prints the padded tokens per epoch both ways).
         """
         bs = int(self.stage1["batch_size"])
         epoch, b = divmod(step, math.ceil(len(pool) / bs))
