@@ -13,6 +13,11 @@
    checkpoints). Reported: wall time of fit(), train time (stage 1 + loop), the peak RSS of each arm
    (ru_maxrss: the whole process, often set by evaluation with its large batches) and the peak RSS
    outside evaluation (training; /proc/self/statm sampled every 20 ms), and weight_mixup / vanilla ratios.
+   The arms run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at --mmap-threshold (64 KiB): tensors above it
+   are mapped and unmapped one by one, so RSS follows live memory. With glibc's default (0 here) freed
+   heap memory stays in RSS, and weight_mixup's long-lived v between activations fragments the heap, so
+   the peaks then mostly measure allocator slack. Use --epochs 2 or more: the loop puts the longest batch
+   first in every epoch, so in epoch 1 vanilla's largest activations come before its AdamW state exists.
 
 Examples::
 
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-step", action="store_true", help="only the whole-run arms")
     p.add_argument("--quick", action="store_true", help="N=64, 1 fold x 1 epoch, 1 stage-2 epoch, 64 eval examples")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--mmap-threshold", type=int, default=65536,
+                   help="MALLOC_MMAP_THRESHOLD_ of the whole-run arms, bytes (0 = glibc's dynamic default)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data-dir", default=None, help="GLUE-format data (default: $ROBUSTFT_DATA_DIR, else ../shared/data)")
     p.add_argument("--out", default=str(REPO / "bench_out" / "bench_weight_mixup.json"), help="JSON results ('' = none)")
@@ -135,6 +142,18 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     method._lengths = None
     method.start_fold(mixed_model, 0)
 
+    def mb(tensors) -> float:
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    # What stage 1 holds beyond a vanilla step (the inner AdamW state matches vanilla's). The pretrained
+    # non-mixed parameters for the fold resets wait on disk (weight_mixup.DiskCopy).
+    buffers = {
+        "W0 (the inherent copy)": mb(m.weight0 for m in method.mixed.values()),
+        "fold sums (average_weights=true), from fold 2": mb(mixed_model.parameters()),
+        "v (d_W L_val, held through the finite difference)": mb(p for _, p in method.inner_params(mixed_model)),
+    }
+    say("  stage-1 buffers beyond vanilla (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in buffers.items()))
+
     def batch(rows):
         return collate(train, rows, tokenizer, cfg.task.is_regression)
 
@@ -198,7 +217,7 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = float(np.mean([int(b["attention_mask"].sum()) for b in b_tr]))
     return {"vanilla_step_s": med["vanilla"], "outer_step_s": med["outer"], "ratio": med["outer"] / med["vanilla"],
-            "phases_s": {k: statistics.median(v) for k, v in phases.items()}, "runs": times,
+            "phases_s": {k: statistics.median(v) for k, v in phases.items()}, "runs": times, "buffers_mb": buffers,
             "batch_size": args.batch_size, "mean_tokens_per_batch": tokens, "padded_tokens_per_epoch": padded,
             "loadavg": loads}
 
@@ -254,7 +273,10 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, arm: str, argv: list[str]) -> dict[str, Any]:
     load = loadavg()
-    proc = subprocess.run([sys.executable, __file__, *argv, "--child", arm], capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    proc = subprocess.run([sys.executable, __file__, *argv, "--child", arm], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{arm} run failed:\n{proc.stderr[-3000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))

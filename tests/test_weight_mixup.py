@@ -209,6 +209,7 @@ def test_finite_difference_restores_weights_bit_exactly(arch):
     after = dict([*model.named_parameters(), *model.named_buffers()])
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(m.delta is None and m.eps == 0.0 for m in method.mixed.values())
+    assert all(p.requires_grad for p in model.parameters())  # the passes freeze the non-mixed ones, then thaw
     assert all(torch.isfinite(h).all() for h in hyper) and any(h.abs().sum() > 0 for h in hyper)
 
 
@@ -291,7 +292,10 @@ def test_folds_reset_and_average(tokenizer, average_weights):
 
     method.start_fold, method.end_fold = start_fold, end_fold
     rec = Recorder()
+    parked = method._initial.path  # the pretrained non-mixed parameters wait on disk during stage 1
+    assert parked.is_file()
     method.before_training(model, tiny_train(20), rec.handle())
+    assert not parked.exists() and method._initial is None
     assert len(starts) == len(ends) == 3 and rec.saves == 3  # after folds 1 and 2, and at the end
     for s in starts:  # every fold starts from the pretrained state with a fresh alpha ~ N(1, 0.005) in [0, 1]
         assert all(torch.equal(s[n], pretrained[n]) for n in pretrained)

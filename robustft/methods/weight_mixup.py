@@ -37,12 +37,13 @@ W0 frozen, with the trainer's batch size, epochs, warmup and clipping (official:
 Cost per outer step: exactly four forward/backward pairs (inner step; validation loss, whose single
 backward gives both d_alpha L_val and v; two finite-difference passes whose backward runs for alpha only:
 W and the other parameters enter them as constants, so no weight gradients are formed).
-Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the pretrained values
-of the non-mixed parameters (for the fold reset), the fold sums (all parameters when average_weights=true),
-the inner Adam state and v - all freed when stage 1 ends. The finite difference never writes W: mixed layers
-add eps v inside their forward/backward (`MixedLinear.delta`), the other parameters are swapped for
-perturbed copies with `torch.func.functional_call` (one buffer, reused for both signs), so W is
-bit-exactly what it was. `MixedLinear` is a custom autograd function that saves only its input (plus
+Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the fold sums (all
+parameters when average_weights=true), the inner Adam state and v - all freed when stage 1 ends. The
+pretrained values of the non-mixed parameters, which every fold restarts from, wait in a temporary
+safetensors file (`DiskCopy`), not in RAM. The finite difference never writes the mixed
+weights: mixed layers add eps v inside their forward/backward (`MixedLinear.delta`). The other parameters
+are perturbed in place and restored from a copy of the entries v touches (for the word embeddings, only
+the rows the D_val batch looked up), so W ends bit-exactly what it was. `MixedLinear` is a custom autograd function that saves only its input (plus
 references to W, W0, v) and rebuilds alpha * W + alpha_bar * W0 in backward, so no weight-sized tensor per
 layer is kept alive between forward and backward.
 
@@ -80,9 +81,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +93,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from robustft.data import collate, length_grouped_order
@@ -101,6 +106,19 @@ log = logging.getLogger("robustft")
 COMPLEMENTS = ("code", "paper")
 PRECONDITIONERS = ("adam", "none")
 _SPLIT_KEY = 7919  # seeds the fold splits and batch orders apart from every other use of the run seed
+
+
+@contextmanager
+def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """requires_grad off for `params` inside the block, so autograd forms no gradients for (or through) them."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 # --- the mixed linear layer ---------------------------------------------------------------------------
@@ -338,6 +356,29 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+class DiskCopy:
+    """Named tensors parked in a temporary safetensors file, read back one at a time.
+
+    The folds restart from the pretrained non-mixed parameters (the official code reloads the pretrained
+    model). Kept in RAM they would add their size (46 MB for minilm, almost all word embeddings) to stage
+    1's peak memory; on disk they cost one read per fold.
+    """
+
+    def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="robustft_weight_mixup_")
+        self.path = Path(self._dir.name) / "pretrained.safetensors"
+        save_file({n: t.detach().cpu().contiguous() for n, t in named}, str(self.path))
+
+    @torch.no_grad()
+    def restore(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        with safe_open(str(self.path), framework="pt") as f:
+            for n, t in named:
+                t.copy_(f.get_tensor(n))
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
 # --- the method -----------------------------------------------------------------------------------------
 class WeightMixup(Method):
     STAGE1 = {"epochs": 3, "batch_size": 16, "train_fraction": 0.8, "group_by_length": True}
@@ -377,11 +418,10 @@ class WeightMixup(Method):
         self.inner_opt: torch.optim.Optimizer | None = None
         self.outer_opt: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
-        self._initial: dict[str, torch.Tensor] | None = None
+        self._initial: DiskCopy | None = None  # the pretrained non-mixed parameters (fold resets)
         self._model: nn.Module | None = None
         self._amp: torch.dtype | None = None
         self._window: list[list[float]] = []
-        self._fd_buffers: dict[str, torch.Tensor] | None = None  # W + eps v for the non-mixed parameters
         self._lengths: list[int] | None = None  # token counts of the training rows (length-grouped batches)
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -390,7 +430,7 @@ class WeightMixup(Method):
         self.mixed = wrap_model(model, self.complement)
         self._model = model
         if self.folds > 0:  # the pretrained state the folds reset to (W resets to W0)
-            self._initial = {n: p.detach().clone() for n, p in self.non_mixed_params(model)}
+            self._initial = DiskCopy(self.non_mixed_params(model))
         return model
 
     def alphas(self) -> list[nn.Parameter]:
@@ -438,6 +478,8 @@ class WeightMixup(Method):
         self.stage1_done = True
         for a in self.alphas():  # stage 2: alpha (and W0, a buffer) frozen
             a.requires_grad_(False)
+        if self._initial is not None:
+            self._initial.close()
         self._initial = self.sums = self.inner_opt = self.outer_opt = None
 
     def fold_split(self, n: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -471,8 +513,7 @@ class WeightMixup(Method):
         """Pretrained state (W = W0, other parameters as loaded), fresh alpha, fresh optimizers."""
         with torch.no_grad():
             if self._initial is not None:
-                for n, p in self.non_mixed_params(model):
-                    p.copy_(self._initial[n])
+                self._initial.restore(self.non_mixed_params(model))
             gen = torch.Generator().manual_seed(int(self.ctx.seed) * 1000 + fold)
             for m in self.mixed.values():
                 m.weight.copy_(m.weight0)
@@ -497,8 +538,6 @@ class WeightMixup(Method):
         n = len(train)
         if n < 2:
             raise UserError(f"method=weight_mixup needs at least 2 training examples for its folds, got {n}")
-        if self._initial is not None:
-            self._initial = {k: v.to(device) for k, v in self._initial.items()}
         if self.sums is None:
             self.sums = {}
         else:
@@ -538,7 +577,6 @@ class WeightMixup(Method):
             if self.fold < self.folds:
                 loop.save()
         self.average(model)
-        self._fd_buffers = None
         self.stage1_done = True
         loop.save()
 
@@ -582,8 +620,7 @@ class WeightMixup(Method):
     def average(self, model: nn.Module) -> None:
         """Parameters := fold averages (official: reset to pretrained after each fold, then load the averages)."""
         if not self.average_weights:
-            for n, p in self.non_mixed_params(model):
-                p.copy_(self._initial[n])
+            self._initial.restore(self.non_mixed_params(model))
             for m in self.mixed.values():
                 m.weight.copy_(m.weight0)
         for n, p in model.named_parameters():
@@ -592,27 +629,12 @@ class WeightMixup(Method):
         for m in self.mixed.values():
             m.clamp_()
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
-             ) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         amp = self._amp
         ctx = torch.autocast(device_type=self.ctx.device.type, dtype=amp) if amp is not None else nullcontext()
         with ctx:
-            if params is None:
-                logits = model(**model_inputs(batch)).logits
-            else:
-                logits = torch.func.functional_call(model, params, args=(), kwargs=model_inputs(batch)).logits
+            logits = model(**model_inputs(batch)).logits
         return task_loss(logits, batch["labels"], self.ctx.task.is_regression)
-
-    @contextmanager
-    def alpha_grad(self, enabled: bool) -> Iterator[None]:
-        alphas = self.alphas()
-        for a in alphas:
-            a.requires_grad_(enabled)
-        try:
-            yield
-        finally:
-            for a in alphas:
-                a.requires_grad_(True)
 
     def set_lrs(self, step: int, total: int) -> None:
         for opt, cfg in ((self.inner_opt, self.inner), (self.outer_opt, self.outer)):
@@ -625,7 +647,7 @@ class WeightMixup(Method):
 
     def inner_step(self, model: nn.Module, b_tr: dict[str, torch.Tensor]) -> float:
         """One lower-level AdamW step on a D_tr batch (gradients for W only, clipped to max_grad_norm)."""
-        with self.alpha_grad(False):
+        with frozen(self.alphas()):
             loss = self.loss(model, b_tr)
             grads = torch.autograd.grad(loss, self._inner_list, allow_unused=True)
         for p, g in zip(self._inner_list, grads):
@@ -688,28 +710,43 @@ class WeightMixup(Method):
 
     def finite_difference(self, model: nn.Module, batch: dict[str, torch.Tensor], v: list[torch.Tensor],
                           eps: float) -> list[torch.Tensor]:
-        """[d_alpha L(W + eps v) - d_alpha L(W - eps v)] / (2 eps) on one batch, same dropout masks both times."""
+        """[d_alpha L(W + eps v) - d_alpha L(W - eps v)] / (2 eps) on one batch, same dropout masks both times.
+
+        Mixed layers add eps v inside their forward/backward (`MixedLinear.delta`). The other parameters
+        are perturbed in place from a saved copy of only the entries v touches and restored from it, so W
+        ends bit-exactly as it was. For the word embeddings that is the rows the D_val batch looked up
+        (v is zero elsewhere): a few MB instead of a perturbed copy of every non-mixed parameter.
+        """
         by_id = dict(zip((id(p) for p in self._inner_list), v))
-        names = dict(self.non_mixed_params(model))
-        if self._fd_buffers is None:  # reused across steps: fresh allocations page-fault on CPU every time
-            self._fd_buffers = {n: torch.empty_like(p) for n, p in names.items()}
-        buffers = self._fd_buffers
+        saved = []  # (parameter, its v, rows or None = all, original values)
+        with torch.no_grad():
+            for _, p in self.non_mixed_params(model):
+                vec = by_id[id(p)]
+                rows = vec.ne(0).flatten(1).any(1).nonzero().squeeze(1) if p.dim() > 1 else None
+                saved.append((p, vec, rows, p.detach().clone() if rows is None else p.index_select(0, rows)))
         rng = _rng_state(self.ctx.device)
         grads = []
-        for sign in (1.0, -1.0):
-            if sign < 0:
-                _set_rng_state(rng, self.ctx.device)  # departure: the official passes draw fresh dropout masks
-            with torch.no_grad():
-                for n, p in names.items():
-                    torch.add(p, by_id[id(p)], alpha=sign * eps, out=buffers[n])
-            for m in self.mixed.values():
-                m.delta, m.eps = by_id[id(m.weight)], sign * eps
-            try:
-                loss = self.loss(model, batch, buffers)
-                grads.append(torch.autograd.grad(loss, self.alphas(), allow_unused=True))
-            finally:
+        try:
+            for sign in (1.0, -1.0):
+                if sign < 0:
+                    _set_rng_state(rng, self.ctx.device)  # departure: the official passes draw fresh dropout masks
+                with torch.no_grad():
+                    for p, vec, rows, orig in saved:  # p = orig + sign eps v, the same arithmetic both ways
+                        if rows is None:
+                            torch.add(orig, vec, alpha=sign * eps, out=p)
+                        else:
+                            p.index_copy_(0, rows, torch.add(orig, vec.index_select(0, rows), alpha=sign * eps))
                 for m in self.mixed.values():
-                    m.delta, m.eps = None, 0.0
+                    m.delta, m.eps = by_id[id(m.weight)], sign * eps
+                with frozen(p for p, *_ in saved):  # no gradients (nor input gradients) formed for them
+                    loss = self.loss(model, batch)
+                    grads.append(torch.autograd.grad(loss, self.alphas(), allow_unused=True))
+        finally:
+            for m in self.mixed.values():
+                m.delta, m.eps = None, 0.0
+            with torch.no_grad():
+                for p, _, rows, orig in saved:
+                    p.copy_(orig) if rows is None else p.index_copy_(0, rows, orig)
         out = []
         for gp, gn, a in zip(grads[0], grads[1], self.alphas()):
             gp = torch.zeros_like(a) if gp is None else gp
