@@ -40,12 +40,12 @@ W and the other parameters enter them as constants, so no weight gradients are f
 Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the fold sums (all
 parameters when average_weights=true), the inner Adam state and v - all freed when stage 1 ends. The
 pretrained values of the non-mixed parameters, which every fold restarts from, wait in a temporary
-safetensors file (`DiskCopy`), not in RAM. The finite difference never writes the mixed
-weights: mixed layers add eps v inside their forward/backward (`MixedLinear.delta`). The other parameters
-are perturbed in place and restored from a copy of the entries v touches (for the word embeddings, only
-the rows the D_val batch looked up), so W ends bit-exactly what it was. `MixedLinear` is a custom autograd function that saves only its input (plus
-references to W, W0, v) and rebuilds alpha * W + alpha_bar * W0 in backward, so no weight-sized tensor per
-layer is kept alive between forward and backward.
+safetensors file (`DiskCopy`), not in RAM. The finite difference never writes the mixed weights: mixed
+layers add eps v inside their forward/backward (`MixedLinear.delta`). The other parameters are perturbed
+in place and restored from a copy of the entries v touches (for the word embeddings, only the rows the
+D_val batch looked up), so W ends bit-exactly what it was. `MixedLinear` is a custom autograd function
+that saves only its input (plus references to W, W0, v) and rebuilds alpha * W + alpha_bar * W0 in
+backward, so no weight-sized tensor per layer is kept alive between forward and backward.
 
 Checkpoints: `MixedLinear` saves itself as a plain linear layer (`weight` = alpha * W + alpha_bar * W0, its
 bias), so `save_pretrained` folders are ordinary HF models (AutoModelForSequenceClassification loads them).
