@@ -110,15 +110,16 @@ _SPLIT_KEY = 7919  # seeds the fold splits and batch orders apart from every oth
 
 @contextmanager
 def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """requires_grad off for `params` inside the block, so autograd forms no gradients for (or through) them."""
-    params = list(params)
-    for p in params:
+    """requires_grad off for `params` inside the block, so autograd forms no gradients for (or through) them;
+    each flag is put back as it was."""
+    flags = [(p, p.requires_grad) for p in params]
+    for p, _ in flags:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # --- the mixed linear layer ---------------------------------------------------------------------------
@@ -746,7 +747,10 @@ class WeightMixup(Method):
                 m.delta, m.eps = None, 0.0
             with torch.no_grad():
                 for p, _, rows, orig in saved:
-                    p.copy_(orig) if rows is None else p.index_copy_(0, rows, orig)
+                    if rows is None:
+                        p.copy_(orig)
+                    else:
+                        p.index_copy_(0, rows, orig)
         out = []
         for gp, gn, a in zip(grads[0], grads[1], self.alphas()):
             gp = torch.zeros_like(a) if gp is None else gp
