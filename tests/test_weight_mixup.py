@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from datasets import Dataset
@@ -322,7 +324,7 @@ WM = ["method=weight_mixup", "method.folds=2", "method.stage1.epochs=1", "method
 
 
 @needs_data()
-def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_overrides, monkeypatch):
+def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_overrides, monkeypatch, caplog):
     snap: dict[str, dict[str, torch.Tensor]] = {}
     original = WeightMixup.before_training
 
@@ -334,7 +336,10 @@ def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_
 
     monkeypatch.setattr(WeightMixup, "before_training", before_training)
     over = [*tiny_overrides, *WM]
-    full = fit(make_cfg(over), RunDir(tmp_path / "full"))
+    with caplog.at_level(logging.INFO, logger="robustft"):
+        full = fit(make_cfg(over), RunDir(tmp_path / "full"))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1 ")]
+    assert progress[-1].startswith("stage 1 fold 2/2 step 4/4 ")  # stage 1 reports progress in the log too
     assert full["stage1/outer_steps"] == 2 * 4  # 2 folds x ceil(int(0.8 * 32) / 8)
     assert full["train/steps"] == 4 and full["cost/total_wall_s"] > full["train/wall_s"]
     assert full["cost/total_flops"] > full["cost/train_flops"]

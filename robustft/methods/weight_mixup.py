@@ -423,6 +423,7 @@ class WeightMixup(Method):
         self._model: nn.Module | None = None
         self._amp: torch.dtype | None = None
         self._window: list[list[float]] = []
+        self._window_s = 0.0  # seconds spent in the window's outer steps
         self._lengths: list[int] | None = None  # token counts of the training rows (length-grouped batches)
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -565,12 +566,14 @@ class WeightMixup(Method):
                 stats = self.outer_step(model, b_tr, b_val, self.fold_step, total)
                 self.fold_step += 1
                 self.outer_steps += 1
-                self.stage1_time += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.stage1_time += dt
+                self._window_s += dt
                 # four forward/backward pairs: three on the D_tr batch, one on the D_val batch
                 self.stage1_tokens += 3 * int(b_tr["attention_mask"].sum()) + int(b_val["attention_mask"].sum())
                 self._window.append(stats)
                 if self.outer_steps % log_every == 0 or self.fold_step == total:
-                    self.log_window(loop)
+                    self.log_window(loop, total)
                 if self.outer_steps % save_every == 0 and self.fold_step < total:
                     loop.save()
             self.end_fold(model)
@@ -581,7 +584,9 @@ class WeightMixup(Method):
         self.stage1_done = True
         loop.save()
 
-    def log_window(self, loop: LoopHandle) -> None:
+    def log_window(self, loop: LoopHandle, total: int) -> None:
+        """A metrics.jsonl row (window means) and a progress line: stage 1 can run for hours before the
+        loop's own step lines start."""
         if not self._window:
             return
         keys = ("loss", "val_loss", "hypergrad_norm", "fd_eps")
@@ -589,7 +594,10 @@ class WeightMixup(Method):
         row = {"step": self.outer_steps, "epoch": self.fold, "split": "stage1", "fold": self.fold,
                **dict(zip(keys, means.tolist())), **self.alpha_stats(),
                "lr": self.inner_opt.param_groups[0]["lr"], "alpha_lr": self.outer_opt.param_groups[0]["lr"]}
-        self._window = []
+        log.info("stage 1 fold %d/%d step %d/%d loss %.4f val_loss %.4f alpha_mean %.4f %.2f s/outer step",
+                 self.fold + 1, self.folds, self.fold_step, total, row["loss"], row["val_loss"], row["alpha_mean"],
+                 self._window_s / len(self._window))
+        self._window, self._window_s = [], 0.0
         loop.log(row)
 
     @torch.no_grad()
