@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from robustft import checkpoint as ckpt
 from robustft.data import collate, load_task, tokenize
 from robustft.methods.base import LoopHandle, Method, TrainContext, model_inputs, task_loss
 from robustft.methods.weight_mixup import MixedLinear, WeightMixup, mixed_linear_names
+from robustft.methods.weight_mixup import SameDropout as WMSameDropout
 from robustft.models import load_tokenizer
 from robustft.rundir import RunDir
 from robustft.train import Interrupted, evaluate, fit
@@ -213,6 +215,70 @@ def test_finite_difference_restores_weights_bit_exactly(arch):
     assert all(m.delta is None and m.eps == 0.0 for m in method.mixed.values())
     assert all(p.requires_grad for p in model.parameters())  # the passes freeze the non-mixed ones, then thaw
     assert all(torch.isfinite(h).all() for h in hyper) and any(h.abs().sum() > 0 for h in hyper)
+
+
+class CountingSameDropout(WMSameDropout):
+    replayed = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.replay and func is torch.ops.aten.bernoulli_.float:
+            CountingSameDropout.replayed += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class NeverReplay(WMSameDropout):
+    def __init__(self) -> None:
+        super().__init__()
+        self.replayable = False  # finite_difference falls back to restoring the RNG state
+
+
+@pytest.mark.parametrize(("arch", "attn"), [("bert", "eager"), ("bert", "sdpa"), ("roberta", "sdpa"), ("deberta", "eager")])
+def test_replayed_dropout_masks_equal_redrawn_ones(arch, attn, monkeypatch):
+    import robustft.methods.weight_mixup as wm
+
+    model, method, b_tr, b_val = hyper_setup("adam", arch=arch, dtype=torch.float32)
+    model.config._attn_implementation = attn
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.1
+    v = [torch.randn_like(p) for p in method._inner_list]
+
+    def fd(cls, seed):
+        monkeypatch.setattr(wm, "SameDropout", cls)
+        torch.manual_seed(seed)
+        out = method.finite_difference(model, b_tr, v, 1e-3)
+        return out, torch.get_rng_state()
+
+    CountingSameDropout.replayed = 0
+    replayed, rng_replayed = fd(CountingSameDropout, 0)
+    assert CountingSameDropout.replayed > 0  # the second pass did replay masks
+    redrawn, rng_redrawn = fd(NeverReplay, 0)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, redrawn))
+    assert torch.equal(rng_replayed, rng_redrawn)  # the RNG ends where it would have
+    other, _ = fd(NeverReplay, 1)  # the masks matter: other masks, other result
+    assert not all(torch.equal(a, b) for a, b in zip(replayed, other))
+
+
+def test_same_dropout_refuses_what_it_cannot_replay():
+    x = torch.randn(4, 6)
+    mode = WMSameDropout()
+    with mode:
+        y = F.dropout(x, 0.5, training=True)
+    assert mode.replayable and len(mode.masks) == 1
+    mode.replay = True
+    with mode:
+        assert torch.equal(F.dropout(x, 0.5, training=True), y)
+    assert not mode.masks
+
+    mode = WMSameDropout()
+    with mode:
+        torch.rand(3)  # a random op it does not record
+    assert not mode.replayable
+    mode = WMSameDropout()
+    with mode:
+        mask = torch.empty(5).bernoulli_(0.5)
+        mask.sub_(1)  # the mask's zeros move: sign() would not give it back
+    assert not mode.replayable
 
 
 # --- stage 1: clamping, folds ---------------------------------------------------------------------------

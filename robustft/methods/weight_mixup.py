@@ -36,7 +36,8 @@ W0 frozen, with the trainer's batch size, epochs, warmup and clipping (official:
 
 Cost per outer step: exactly four forward/backward pairs (inner step; validation loss, whose single
 backward gives both d_alpha L_val and v; two finite-difference passes whose backward runs for alpha only:
-W and the other parameters enter them as constants, so no weight gradients are formed).
+W and the other parameters enter them as constants, so no weight gradients are formed). The second
+finite-difference pass replays the first one's dropout masks instead of drawing them again (`SameDropout`).
 Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the fold sums (all
 parameters when average_weights=true), the inner Adam state and v - all freed when stage 1 ends. The
 pretrained values of the non-mixed parameters, which every fold restarts from, wait in a temporary
@@ -61,8 +62,9 @@ Departures from the official code (each also commented where it happens):
   copy), so its roll-back restores nothing and each iteration runs inner, outer, inner (same batch) and
   outer steps again; its finite difference "restores" W with an out-of-place `add`, leaving W at W - eps v.
   Both were fixed in later Betty (commit 7573af4, "fix bugs in darts and rollback").
-- The two finite-difference passes use the same dropout masks (the RNG state is replayed); in the official
-  code they draw independent masks, whose difference, divided by 2 eps, swamps the derivative.
+- The two finite-difference passes use the same dropout masks (recorded in the first pass and replayed,
+  `SameDropout`, or drawn again from the restored RNG state); in the official code they draw independent
+  masks, whose difference, divided by 2 eps, swamps the derivative.
 - Batches: the inner level walks through D_tr in seeded per-epoch permutations, the outer level through
   D_val likewise; steps per fold = ceil(epochs * ceil(|D_tr| / batch)) (official: epochs * (|D_tr| // batch + 1)).
 - The N-example subsample is stratified (official: uniform `random.sample`), and train_size larger than
@@ -96,6 +98,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for op-level modes
 
 from robustft.data import collate, length_grouped_order
 from robustft.errors import UserError
@@ -355,6 +358,72 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+class SameDropout(TorchDispatchMode):
+    """Records the dropout masks one forward pass draws, then replays them in the next pass (`replay=True`).
+
+    The two finite-difference passes run one batch with the same dropout masks. Replaying the first pass's
+    masks gives the same tensors as restoring the RNG state and drawing again, bit for bit (tests), without
+    the second round of random numbers. Handled are the two ops dropout draws with: `aten.bernoulli_.float`
+    (`F.dropout` on CPU, also inside CPU scaled-dot-product attention, and DeBERTa's StableDropout) and
+    `aten.native_dropout` (fused, CUDA). The recorded CPU masks are the tensors dropout itself keeps for
+    backward (no copies: a replayed mask is sign(recorded), which undoes dropout's in-place 1/(1-p)
+    scaling). `replayable` turns False if the pass draws with any other seeded op, or mutates a recorded
+    mask other than by a positive scale; the caller then restores the RNG state and draws again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[torch.Tensor] = []
+        self.replay = False
+        self.replayable = True
+        self._ptrs: set[int] = set()  # storages of the recorded CPU masks
+        self._kinds: dict[Any, tuple[str, tuple[str, ...]]] = {}
+
+    def _kind(self, func: Any) -> tuple[str, tuple[str, ...]]:
+        """(kind, names of the arguments the op writes), cached per op."""
+        if func not in self._kinds:
+            aten = torch.ops.aten
+            written = tuple(a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+            if func is aten.bernoulli_.float:
+                kind = "bernoulli"
+            elif func is aten.native_dropout.default:
+                kind = "native_dropout"
+            elif torch.Tag.nondeterministic_seeded in func.tags:
+                kind = "seeded"
+            elif func in (aten.div_.Scalar, aten.mul_.Scalar):
+                kind = "scale"
+            else:
+                kind = "writes" if written else "other"
+            self._kinds[func] = (kind, written)
+        return self._kinds[func]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind, written = self._kind(func)
+        if kind == "other":
+            return func(*args, **kwargs)
+        if self.replay and kind == "bernoulli":
+            return torch.sign(self.masks.pop(0), out=args[0])
+        if self.replay and kind == "native_dropout":
+            x, p = args[0], args[1]
+            mask = self.masks.pop(0)
+            return x * mask * (1.0 / (1.0 - p) if p < 1 else 0.0), mask  # the fused kernel's x * mask * scale
+        if not self.replay and kind in ("scale", "writes") and self._ptrs:
+            named = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+            hit = any(isinstance(named.get(n), torch.Tensor) and named[n].data_ptr() in self._ptrs for n in written)
+            if hit and (kind == "writes" or not args[1] > 0):  # zeros of the mask may have moved: not sign()
+                self.replayable = False
+        out = func(*args, **kwargs)
+        if kind == "bernoulli":
+            self.masks.append(out)
+            self._ptrs.add(out.data_ptr())
+        elif kind == "native_dropout":
+            self.masks.append(out[1])
+        elif kind == "seeded":
+            self.replayable = False
+        return out
 
 
 class DiskCopy:
@@ -734,11 +803,14 @@ class WeightMixup(Method):
                 rows = vec.ne(0).flatten(1).any(1).nonzero().squeeze(1) if p.dim() > 1 else None
                 saved.append((p, vec, rows, p.detach().clone() if rows is None else p.index_select(0, rows)))
         rng = _rng_state(self.ctx.device)
+        masks = SameDropout()  # departure: the official passes draw fresh dropout masks
         grads = []
         try:
             for sign in (1.0, -1.0):
                 if sign < 0:
-                    _set_rng_state(rng, self.ctx.device)  # departure: the official passes draw fresh dropout masks
+                    masks.replay = masks.replayable
+                    if not masks.replay:  # the pass drew with ops SameDropout cannot replay: draw them again
+                        _set_rng_state(rng, self.ctx.device)
                 with torch.no_grad():
                     for p, vec, rows, orig in saved:  # p = orig + sign eps v, the same arithmetic both ways
                         if rows is None:
@@ -748,8 +820,11 @@ class WeightMixup(Method):
                 for m in self.mixed.values():
                     m.delta, m.eps = by_id[id(m.weight)], sign * eps
                 with frozen(p for p, *_ in saved):  # no gradients (nor input gradients) formed for them
-                    loss = self.loss(model, batch)
+                    with masks if sign > 0 or masks.replay else nullcontext():
+                        loss = self.loss(model, batch)
                     grads.append(torch.autograd.grad(loss, self.alphas(), allow_unused=True))
+            if masks.replay and masks.masks:
+                raise RuntimeError(f"finite difference: {len(masks.masks)} dropout masks recorded but not replayed")
         finally:
             for m in self.mixed.values():
                 m.delta, m.eps = None, 0.0
