@@ -146,10 +146,9 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
     # What stage 1 holds beyond a vanilla step (the inner AdamW state matches vanilla's). The pretrained
-    # non-mixed parameters for the fold resets wait on disk (weight_mixup.DiskCopy).
+    # non-mixed parameters for the fold resets and the fold sums wait on disk (weight_mixup.DiskCopy).
     buffers = {
         "W0 (the inherent copy)": mb(m.weight0 for m in method.mixed.values()),
-        "fold sums (average_weights=true), from fold 2": mb(mixed_model.parameters()),
         "v (d_W L_val, held through the finite difference)": mb(p for _, p in method.inner_params(mixed_model)),
     }
     say("  stage-1 buffers beyond vanilla (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in buffers.items()))

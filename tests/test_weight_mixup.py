@@ -345,7 +345,7 @@ def test_folds_reset_and_average(tokenizer, average_weights):
     c.tokenizer = tokenizer
     method.setup(model, c)
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".a1", ".a2"))}
-    starts, ends = [], []
+    starts, ends, sums = [], [], []
     start, end = method.start_fold, method.end_fold
 
     def start_fold(m, fold):
@@ -357,6 +357,7 @@ def test_folds_reset_and_average(tokenizer, average_weights):
             mod.clamp_()
         ends.append({n: p.detach().clone() for n, p in m.named_parameters()})
         end(m)
+        sums.append(method.sums.path)
 
     method.start_fold, method.end_fold = start_fold, end_fold
     rec = Recorder()
@@ -364,6 +365,7 @@ def test_folds_reset_and_average(tokenizer, average_weights):
     assert parked.is_file()
     method.before_training(model, tiny_train(20), rec.handle())
     assert not parked.exists() and method._initial is None
+    assert len(set(sums)) == 1 and not sums[0].exists() and method.sums is None  # the fold sums, on disk too
     assert len(starts) == len(ends) == 3 and rec.saves == 3  # after folds 1 and 2, and at the end
     for s in starts:  # every fold starts from the pretrained state with a fresh alpha ~ N(1, 0.005) in [0, 1]
         assert all(torch.equal(s[n], pretrained[n]) for n in pretrained)

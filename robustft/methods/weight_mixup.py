@@ -38,10 +38,10 @@ Cost per outer step: exactly four forward/backward pairs (inner step; validation
 backward gives both d_alpha L_val and v; two finite-difference passes whose backward runs for alpha only:
 W and the other parameters enter them as constants, so no weight gradients are formed). The second
 finite-difference pass replays the first one's dropout masks instead of drawing them again (`SameDropout`).
-Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the fold sums (all
-parameters when average_weights=true), the inner Adam state and v - all freed when stage 1 ends. The
-pretrained values of the non-mixed parameters, which every fold restarts from, wait in a temporary
-safetensors file (`DiskCopy`), not in RAM. The finite difference never writes the mixed weights: mixed
+Memory: W0 (the mixed weights' pretrained copy) is kept for good; stage 1 also holds the inner Adam state
+and v, both freed when stage 1 ends. The pretrained values of the non-mixed parameters, which every fold
+restarts from, and the fold sums (all parameters when average_weights=true) wait in temporary safetensors
+files (`DiskCopy`), not in RAM. The finite difference never writes the mixed weights: mixed
 layers add eps v inside their forward/backward (`MixedLinear.delta`). The other parameters are perturbed
 in place and restored from a copy of the entries v touches (for the word embeddings, only the rows the
 D_val batch looked up), so W ends bit-exactly what it was. `MixedLinear` is a custom autograd function
@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -96,7 +97,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented hook for op-level modes
 
@@ -429,21 +430,46 @@ class SameDropout(TorchDispatchMode):
 class DiskCopy:
     """Named tensors parked in a temporary safetensors file, read back one at a time.
 
-    The folds restart from the pretrained non-mixed parameters (the official code reloads the pretrained
-    model). Kept in RAM they would add their size (46 MB for minilm, almost all word embeddings) to stage
-    1's peak memory; on disk they cost one read per fold.
+    Two stage-1 buffers live here instead of in RAM, where they would add to the peak of every outer step:
+    the pretrained non-mixed parameters the folds restart from (46 MB for minilm, almost all word
+    embeddings; the official code reloads the pretrained model), and the fold sums of
+    `average_weights=true` (every parameter, 87 MB). Each costs a read (and, for the sums, a write) per fold.
     """
 
     def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="robustft_weight_mixup_")
-        self.path = Path(self._dir.name) / "pretrained.safetensors"
-        save_file({n: t.detach().cpu().contiguous() for n, t in named}, str(self.path))
+        self.path = Path(self._dir.name) / "tensors.safetensors"
+        self._write({n: t.detach().cpu().clone() for n, t in named})
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+        os.replace(tmp, self.path)
 
     @torch.no_grad()
-    def restore(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def restore(self, named: Iterable[tuple[str, torch.Tensor]], divisor: int = 1) -> None:
+        """Copy the stored tensor (divided by `divisor`) into each named tensor the file holds."""
         with safe_open(str(self.path), framework="pt") as f:
+            keys = set(f.keys())
             for n, t in named:
-                t.copy_(f.get_tensor(n))
+                if n in keys:
+                    x = f.get_tensor(n)
+                    t.copy_(x / divisor if divisor != 1 else x)
+
+    @torch.no_grad()
+    def add(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stored := stored + named, entry by entry (a name not yet stored starts as a copy)."""
+        with safe_open(str(self.path), framework="pt") as f:
+            keys = set(f.keys())
+            out = {n: f.get_tensor(n) for n in keys}
+        for n, t in named:
+            x = t.detach().cpu()
+            out[n] = out[n].add_(x) if n in out else x.clone()
+        self._write(out)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """Everything, in RAM (for checkpoints/last)."""
+        return load_file(str(self.path))
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -484,7 +510,7 @@ class WeightMixup(Method):
         self.stage1_done = False
         self.fold, self.fold_step, self.outer_steps = 0, 0, 0
         self.stage1_time, self.stage1_tokens = 0.0, 0
-        self.sums: dict[str, torch.Tensor] | None = None
+        self.sums: DiskCopy | None = None  # the running fold sums, on disk (created by the first end_fold)
         self.inner_opt: torch.optim.Optimizer | None = None
         self.outer_opt: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
@@ -549,8 +575,9 @@ class WeightMixup(Method):
         self.stage1_done = True
         for a in self.alphas():  # stage 2: alpha (and W0, a buffer) frozen
             a.requires_grad_(False)
-        if self._initial is not None:
-            self._initial.close()
+        for disk in (self._initial, self.sums):
+            if disk is not None:
+                disk.close()
         self._initial = self.sums = self.inner_opt = self.outer_opt = None
 
     def fold_split(self, n: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -609,10 +636,6 @@ class WeightMixup(Method):
         n = len(train)
         if n < 2:
             raise UserError(f"method=weight_mixup needs at least 2 training examples for its folds, got {n}")
-        if self.sums is None:
-            self.sums = {}
-        else:
-            self.sums = {k: v.to(device) for k, v in self.sums.items()}
         log_every, save_every = int(tcfg.log_every), int(tcfg.save_every)
         self._lengths = [len(x) for x in train["input_ids"]]
         model.train()
@@ -687,12 +710,11 @@ class WeightMixup(Method):
             m.clamp_()
         named = model.named_parameters() if self.average_weights else (
             (n, p) for n, p in model.named_parameters() if n.endswith((".a1", ".a2")))
-        for n, p in named:
-            if n in self.sums:
-                self.sums[n].add_(p)
-            else:
-                self.sums[n] = p.detach().clone()
-        self.inner_opt = self.outer_opt = None
+        self.inner_opt = self.outer_opt = None  # freed first: the sums pass through RAM while they are added
+        if self.sums is None:
+            self.sums = DiskCopy(named)
+        else:
+            self.sums.add(named)
 
     @torch.no_grad()
     def average(self, model: nn.Module) -> None:
@@ -701,9 +723,7 @@ class WeightMixup(Method):
             self._initial.restore(self.non_mixed_params(model))
             for m in self.mixed.values():
                 m.weight.copy_(m.weight0)
-        for n, p in model.named_parameters():
-            if n in self.sums:
-                p.copy_(self.sums[n] / self.folds)
+        self.sums.restore(model.named_parameters(), divisor=self.folds)
         for m in self.mixed.values():
             m.clamp_()
 
@@ -862,7 +882,7 @@ class WeightMixup(Method):
             "mixed": {n: {"weight": m.weight, "a1": m.a1, "a2": m.a2, "weight0": m.weight0} for n, m in self.mixed.items()},
         }
         if not self.stage1_done:
-            state["sums"] = dict(self.sums or {})
+            state["sums"] = self.sums.load() if self.sums is not None else {}
             if self.fold_step > 0 and self.inner_opt is not None:
                 state["optimizers"] = {"inner": self.inner_opt.state_dict(), "outer": self.outer_opt.state_dict()}
         return state
@@ -879,6 +899,7 @@ class WeightMixup(Method):
         self.fold, self.fold_step = int(state["fold"]), int(state["fold_step"])
         self.outer_steps = int(state["outer_steps"])
         self.stage1_time, self.stage1_tokens = float(state["stage1_time"]), int(state["stage1_tokens"])
-        self.sums = dict(state.get("sums") or {}) or None
+        sums = state.get("sums") or {}
+        self.sums = DiskCopy(sums.items()) if sums else None
         self._pending_opt = state.get("optimizers")
         self.inner_opt = self.outer_opt = None
