@@ -439,7 +439,7 @@ class DiskCopy:
     def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="robustft_weight_mixup_")
         self.path = Path(self._dir.name) / "tensors.safetensors"
-        self._write({n: t.detach().cpu().clone() for n, t in named})
+        self._write({n: t.detach().cpu() for n, t in named})  # written at once: views suffice
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -464,7 +464,7 @@ class DiskCopy:
             out = {n: f.get_tensor(n) for n in keys}
         for n, t in named:
             x = t.detach().cpu()
-            out[n] = out[n].add_(x) if n in out else x.clone()
+            out[n] = out[n].add_(x) if n in out else x
         self._write(out)
 
     def load(self) -> dict[str, torch.Tensor]:
