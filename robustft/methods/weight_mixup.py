@@ -458,10 +458,8 @@ class DiskCopy:
 
     @torch.no_grad()
     def add(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Stored := stored + named, entry by entry (a name not yet stored starts as a copy)."""
-        with safe_open(str(self.path), framework="pt") as f:
-            keys = set(f.keys())
-            out = {n: f.get_tensor(n) for n in keys}
+        """Stored := stored + named, entry by entry (a name not yet stored starts at its value)."""
+        out = load_file(str(self.path))
         for n, t in named:
             x = t.detach().cpu()
             out[n] = out[n].add_(x) if n in out else x
