@@ -141,8 +141,9 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from robustft.errors import Interrupted
     from robustft.rundir import RunDir
-    from robustft.train import Interrupted, fit
+    from robustft.runner import fit
 
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     if run_dir.info.get("status") == "completed" and cfg.resume == "auto":

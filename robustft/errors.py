@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input (config, data, files). The CLI prints `robustft: error: <message>` and exits 2."""
+
+
+class Interrupted(Exception):
+    """A run stopped before its end (SIGTERM, preemption, `trainer.interrupt_at_step`); checkpoints are kept."""

@@ -1,13 +1,20 @@
-"""Batched inference on raw text: the one entry point evaluators (AdvGLUE, attacks, OOD) call."""
+"""Inference: scoring a tokenized split (`evaluate`, the loop's evaluation) and batched scoring of raw text
+(`Predictor`, the one entry point evaluators such as AdvGLUE, attacks and OOD sets call)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from datasets import Dataset
+from omegaconf import DictConfig
 
-from robustft.methods.base import Method
+from robustft.data import collate, eval_batches
+from robustft.methods.base import Method, task_loss
+from robustft.metrics import task_metrics
+from robustft.runtime import autocast, to_device
 
 
 class Predictor:
@@ -30,8 +37,6 @@ class Predictor:
     @torch.no_grad()
     def logits(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
         """Raw model outputs, shape (n, num_labels); a regression model gives (n, 1)."""
-        from robustft.train import autocast
-
         if self.model.training:  # eval() walks every module: too slow to repeat per attack call
             self.model.eval()
         self.queries += len(texts)
@@ -70,3 +75,29 @@ class Predictor:
         z = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+@torch.no_grad()
+def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, batch_size: int,
+             device: torch.device, amp: torch.dtype | None) -> tuple[dict[str, float], np.ndarray]:
+    """Task metrics (+ loss, examples/s) on one split; returns the predictions in dataset order."""
+    model.eval()
+    preds: list[np.ndarray] = []
+    order: list[int] = []
+    loss_sum, t0 = 0.0, time.perf_counter()
+
+    for rows in eval_batches(ds, batch_size):
+        batch = to_device(collate(ds, rows, tokenizer, task.is_regression), device)
+        with autocast(device, amp):
+            logits = method.predict(model, batch)
+        logits = logits.float()
+        loss_sum += task_loss(logits, batch["labels"], task.is_regression).item() * len(rows)
+        preds.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
+        order.extend(rows)
+    elapsed = time.perf_counter() - t0
+    pred = np.empty(len(ds), dtype=np.float64 if task.is_regression else np.int64)
+    pred[order] = np.concatenate(preds)
+    metrics = task_metrics(task.name, pred, np.asarray(ds["label"]))
+    metrics["loss"] = loss_sum / len(ds)
+    metrics["examples_per_s"] = len(ds) / elapsed if elapsed > 0 else float("nan")
+    return metrics, pred

@@ -89,6 +89,16 @@ def stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     return np.sort(np.concatenate(keep))
 
 
+def low_resource_rows(labels: np.ndarray, n: int, seed: int, regression: bool) -> np.ndarray:
+    """The n rows `stress=low_resource` keeps (stratified for classification), seeded by the run seed.
+
+    Public so that a method subsampling its own training set (weight_mixup's train_size) picks exactly
+    the rows the stress would.
+    """
+    rng = np.random.default_rng([seed, _STAGES["low_resource"]])
+    return np.sort(rng.choice(len(labels), size=n, replace=False)) if regression else stratified(labels, n, rng)
+
+
 def _round(x: float) -> int:
     return int(np.floor(x + 0.5))  # half up: 0.5 -> 1, unlike Python's banker's rounding
 
@@ -174,8 +184,7 @@ def apply_stress(data: DatasetDict, cfg: DictConfig, run: Any = None) -> Dataset
         if not 0 < n <= len(train):
             raise UserError(f"stress.low_resource.n={n} must be in 1..{len(train)} (the training examples left); "
                             "lower it or raise task.max_train_samples")
-        rng = np.random.default_rng([seed, _STAGES["low_resource"]])
-        keep = np.sort(rng.choice(len(train), size=n, replace=False)) if regression else stratified(labels, n, rng)
+        keep = low_resource_rows(labels, n, seed, regression)
         train, labels = train.select(keep), labels[keep]
         report["low_resource"] = {"n": n, "stratified": not regression}
 

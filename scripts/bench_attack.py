@@ -77,7 +77,7 @@ def compose(overrides: list[str]):
 
 def train_quick_model(out: Path, data_dir: str) -> Path:
     from robustft.rundir import RunDir
-    from robustft.train import fit
+    from robustft.runner import fit
 
     run_dir = out / "model"
     if (run_dir / "checkpoints" / "best").is_dir():
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from robustft.models import load_model, load_tokenizer
     from robustft.predict import Predictor
     from robustft.robustness.base import EvalContext, build_evaluators
-    from robustft.train import autocast_dtype, resolve_ckpt_path
+    from robustft.runner import resolve_ckpt_path
+    from robustft.runtime import autocast_dtype
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 Every arm trains its own copy of the same model (default: the real embedded ``minilm``) on the same real
 SST-2 training batch (``--batch-size`` examples drawn with ``--seed``, dynamically padded like the
 loop does), with the config the CLI would compose (``method=...``, ``selector=...``). A step is exactly
-what ``robustft.train`` does per optimizer step: ``method.training_step`` under the run's autocast,
+what ``robustft.loop`` does per optimizer step: ``method.training_step`` under the run's autocast,
 ``loss.backward()``, ``clip_grad_norm_``, ``method.optimizer_step``, ``scheduler.step()``,
 ``optimizer.zero_grad(set_to_none=True)``, and the loop's ``loss.item()``.
 
@@ -101,7 +101,7 @@ class Arm:
     def step(self) -> float:
         import torch
 
-        from robustft.train import autocast
+        from robustft.runtime import autocast
 
         t0 = time.perf_counter()
         with autocast(self.device, self.amp):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from robustft.data import collate, load_task, tokenize
     from robustft.models import load_model, load_tokenizer
-    from robustft.train import autocast_dtype, select_device, to_device
+    from robustft.runtime import autocast_dtype, select_device, to_device
 
     transformers.logging.set_verbosity_error()
     if args.threads:

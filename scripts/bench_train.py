@@ -5,7 +5,7 @@ Arms, all on the same model, the same slice of the real training data, batch siz
 optimizer steps, lr schedule (linear, 6% warmup), weight decay, grad clipping and seed:
 
 ``robustft``
-    The real code path: ``robustft.train.fit`` on a composed config (vanilla method, dynamic padding,
+    The real code path: ``robustft.runner.fit`` on a composed config (vanilla method, dynamic padding,
     ``trainer.group_by_length=true``, no checkpoints). Its own ``train/examples_per_s`` is used; that
     timer covers every optimizer step from collation to ``zero_grad`` and excludes evaluation.
 ``hf_dynamic``
@@ -158,7 +158,7 @@ class Bench:
     # --- robustft ---------------------------------------------------------------------------------
     def run_robustft(self, steps: int) -> dict[str, Any]:
         from robustft.rundir import RunDir
-        from robustft.train import fit
+        from robustft.runner import fit
 
         cfg = compose_cfg([*self.base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
                            f"trainer.log_every={steps}", f"trainer.save_every={steps + 1}",
@@ -259,7 +259,8 @@ class Bench:
 
         from robustft.methods.vanilla import Vanilla
         from robustft.models import load_model
-        from robustft.train import autocast_dtype, evaluate
+        from robustft.predict import evaluate
+        from robustft.runtime import autocast_dtype
 
         device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
         amp = autocast_dtype(device, precision)
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
-    from robustft.train import autocast_dtype
+    from robustft.runtime import autocast_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@
    passes, outer AdamW step - on the wrapped model, with D_tr/D_val batches of the same size. Both arms run
    --repeats times, interleaved, and the median time per step is reported with the ratio (b)/(a) (the
    spec's bound is 4: four forward/backward pairs). The phases of (b) are timed too.
-2. Whole method (one subprocess per arm, so each peak RSS is its own): `robustft.train.fit` with the
+2. Whole method (one subprocess per arm, so each peak RSS is its own): `robustft.runner.fit` with the
    same model, task, N examples (vanilla: stress=low_resource with n=N, the rows weight_mixup's
    train_size=N selects), stage-2/vanilla trainer settings (batch --batch-size, 3 epochs, warmup 10%, no
    checkpoints). Reported: wall time of fit(), train time (stage 1 + loop), the peak RSS of each arm
@@ -228,9 +228,10 @@ def child(args: argparse.Namespace) -> None:
 
     import torch
 
-    import robustft.train as loop
+    import robustft.loop as loop
+    import robustft.runner as runner
     from robustft.rundir import RunDir
-    from robustft.train import fit
+    from robustft.runner import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,7 +256,7 @@ def child(args: argparse.Namespace) -> None:
                     state["train_peak"] = max(state["train_peak"], rss)
                 time.sleep(0.02)
 
-    loop.evaluate = tagged_evaluate
+    loop.evaluate = runner.evaluate = tagged_evaluate
     threading.Thread(target=sampler, daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="bench_wm_") as tmp:
         t0 = time.perf_counter()

@@ -216,11 +216,11 @@ def test_preflight_sweeps_globs_and_other_config_dirs(monkeypatch, capsys):
 
 
 class Interrupted(Exception):
-    """Stands in for robustft.train.Interrupted."""
+    """Stands in for robustft.errors.Interrupted."""
 
 
 def run_with_fit(tmp_path, monkeypatch, error: BaseException, mode: str = "RUN") -> int:
-    """cli.run() in-process with a stand-in robustft.train whose fit raises `error`; returns the exit code."""
+    """cli.run() in-process with a stand-in robustft.runner whose fit raises `error`; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
 
     from robustft import cli
@@ -228,8 +228,9 @@ def run_with_fit(tmp_path, monkeypatch, error: BaseException, mode: str = "RUN")
     def fit(cfg, run_dir):
         raise error
 
-    # run() imports robustft.train lazily: a stand-in module means no torch import for these tests
-    monkeypatch.setitem(sys.modules, "robustft.train", types.SimpleNamespace(Interrupted=Interrupted, fit=fit))
+    # run() imports robustft.runner lazily: a stand-in module means no torch import for these tests
+    monkeypatch.setitem(sys.modules, "robustft.runner", types.SimpleNamespace(fit=fit))
+    monkeypatch.setattr("robustft.errors.Interrupted", Interrupted)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_random"], return_hydra_config=True)
     with open_dict(cfg):

@@ -19,7 +19,7 @@ from robustft.methods.base import Method, TrainContext
 from robustft.methods.ftft import DataMapMethod, reference_key
 from robustft.models import count_params, load_model
 from robustft.rundir import RunDir
-from robustft.train import fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 pytestmark = needs_data()

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, Deberta
 from robustft.methods.base import TrainContext, task_loss
 from robustft.methods.match_tuning import MatchTuning, match_head, matching, matching_stats
 from robustft.rundir import RunDir
-from robustft.train import fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 TINY = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

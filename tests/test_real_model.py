@@ -8,7 +8,7 @@ above chance (0.509 = the majority class).
 from __future__ import annotations
 
 from robustft.rundir import RunDir
-from robustft.train import fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 N_TRAIN, FLOOR = 4000, 0.78

@@ -9,7 +9,7 @@ import torch
 
 from robustft.errors import UserError
 from robustft.rundir import RunDir
-from robustft.train import fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 pytestmark = needs_data()

@@ -9,12 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from robustft.errors import UserError
+from robustft.errors import Interrupted, UserError
 from robustft.methods.base import TrainContext, task_loss
 from robustft.methods.rose import MaskedAdamW, Rose, is_eligible, quantile_mask, symmetric_kl
 from robustft.methods.stats import LogWindow
 from robustft.rundir import RunDir
-from robustft.train import Interrupted, fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 TRAINER = OmegaConf.create({"log_every": 2, "lr": 1e-3, "weight_decay": 0.01})

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+from robustft.errors import Interrupted
 from robustft.rundir import RunDir
-from robustft.train import Interrupted, fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 pytestmark = needs_data()

@@ -15,12 +15,14 @@ from transformers import AutoModelForSequenceClassification, BertConfig, Deberta
 
 from robustft import checkpoint as ckpt
 from robustft.data import collate, load_task, tokenize
+from robustft.errors import Interrupted
 from robustft.methods.base import LoopHandle, Method, TrainContext, model_inputs, task_loss
 from robustft.methods.weight_mixup import MixedLinear, WeightMixup, mixed_linear_names
 from robustft.methods.weight_mixup import SameDropout as WMSameDropout
 from robustft.models import load_tokenizer
+from robustft.predict import evaluate
 from robustft.rundir import RunDir
-from robustft.train import Interrupted, evaluate, fit
+from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 VOCAB = 60

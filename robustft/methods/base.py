@@ -1,6 +1,6 @@
 """The method interface. `Method` itself is ERM; robust methods override a few hooks.
 
-The training loop (robustft.train) calls, in order:
+The training loop (robustft.loop) calls, in order:
   setup(model, ctx)            -> model      wrap/modify the model (e.g. add layers)
   train_data(train, ctx)       -> Dataset    change the training data (selection, stresses)
   configure_optimizer(model)   -> optimizer

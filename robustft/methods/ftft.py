@@ -17,7 +17,7 @@ Reference runs are cached under `reference.cache_dir/<key>`, a normal run direct
 metrics.json, training_dynamics/, reference.json with the key's inputs). The key hashes the composed
 reference config (model, trainer minus logging/saving knobs, task, stress), the seed and the content of
 the training split. A completed cached run is reused (logged, `reference/reused=1`, its path in
-run_info.json `reference.path`); otherwise it is trained (`robustft.train.fit`) and the global RNG
+run_info.json `reference.path`); otherwise it is trained (`robustft.runner.fit`) and the global RNG
 state is restored afterwards, so the main run is the same whether the reference was cached or not.
 `selection: random` needs no reference. Costs: `cost/reference_*` (the reference run's training cost,
 also when reused), `cost/main_*` (this run's loop) and `cost/total_*` = reference + main.
@@ -140,7 +140,7 @@ class DataMapMethod(Method):
                             f"probabilities); {ctx.task.name} is regression")
         cfg, run = ctx.extra.get("cfg"), ctx.extra.get("run")
         if cfg is None:
-            raise UserError(f"method={self.name} needs the run config in ctx.extra['cfg'] (robustft.train.fit sets it)")
+            raise UserError(f"method={self.name} needs the run config in ctx.extra['cfg'] (robustft.runner.fit sets it)")
         guids = np.asarray(list(train["idx"]), dtype=np.int64)
         info: dict[str, Any] = {"rule": self.selection, "fraction": self.fraction, "variability_ddof": self.ddof,
                                 "burn_out": self.burn_out}
@@ -243,7 +243,8 @@ class DataMapMethod(Method):
         return path, key, self.reused
 
     def _fit_reference(self, ref_cfg: DictConfig, path: Path, source: dict[str, Any]) -> None:
-        from robustft.train import Interrupted, fit
+        from robustft.errors import Interrupted
+        from robustft.runner import fit
 
         run = RunDir(path)
         write_json(path / "reference.json", source)

@@ -547,13 +547,9 @@ class WeightMixup(Method):
             return train
         if not 0 < n <= len(train):
             raise UserError(f"method.train_size={n} must be in 1..{len(train)} (the training examples) or -1 for all")
-        from robustft.stress import _STAGES, stratified
+        from robustft.stress import low_resource_rows
 
-        rng = np.random.default_rng([int(ctx.seed), _STAGES["low_resource"]])
-        if bool(ctx.task.is_regression):
-            keep = np.sort(rng.choice(len(train), size=n, replace=False))
-        else:
-            keep = stratified(np.asarray(train["label"]), n, rng)
+        keep = low_resource_rows(np.asarray(train["label"]), n, int(ctx.seed), bool(ctx.task.is_regression))
         log.info("weight_mixup: %d of %d training examples (train_size)", n, len(train))
         return train.select(keep)
 

@@ -1,0 +1,50 @@
+"""Runtime helpers shared by the loop, evaluation and methods: device, autocast, moving batches.
+
+They sit at the bottom of the layers (nothing here imports other robustft modules but `errors`), so
+evaluation and methods use them without reaching up into the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from robustft.errors import UserError
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    `auto` takes bf16 only where it is faster: CUDA with bf16, or a CPU with AMX tiles. On AVX512-BF16
+    CPUs without AMX (like the CI machines) bf16 autocast measured slower than fp32 for minilm
+    (scripts/bench_train.py prints both), so `auto` stays fp32 there; `bf16` forces it where supported.
+    """
+    if precision == "fp32":
+        return None
+    if precision not in ("auto", "bf16"):
+        raise UserError(f"trainer.precision={precision} is not supported; use auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision == "auto":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if amx else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
