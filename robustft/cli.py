@@ -14,9 +14,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from robustft.config import CONF_DIR, compose_config  # noqa: F401  (compose_config: for scripts and tests)
+from robustft.config import group_options as _group_options
 from robustft.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("robustft")
 
 
@@ -39,11 +40,6 @@ if not OmegaConf.has_resolver("rft_subdir"):
 def fail(message: str, code: int = 2) -> None:
     print(f"robustft: error: {message}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def _group_options(group: str) -> list[str]:
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 def _type_of_default(default: Any, value: Any) -> str | None:
@@ -123,60 +119,36 @@ def preflight(overrides: list[str]) -> None:
                     fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The job config as the CLI composes it, without the `hydra` node (for scripts, tests, references)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides or []))
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
 def run(cfg: DictConfig) -> dict[str, float] | None:
-    """One job: owns the run directory's status from start to finish."""
+    """One job: the run directory's status from start to finish (`runner.lifecycle`), errors as one line."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from robustft.errors import Interrupted
-    from robustft.rundir import RunDir
+    from robustft.rundir import RunDir, lifecycle
     from robustft.runner import fit
 
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     if run_dir.info.get("status") == "completed" and cfg.resume == "auto":
         log.info("run in %s already completed; nothing to do", run_dir.path)
         return None
+
     def on_term(signum: int, _frame: Any) -> None:
         raise Interrupted(f"received signal {signum}")  # preemption / scancel: record it, keep checkpoints
 
     if "SUBMITIT_EXECUTOR" not in os.environ:  # under submitit, its own handlers checkpoint and requeue
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             signal.signal(signal.SIGTERM, on_term)
-    run_dir.start(
-        seed=int(cfg.seed), task=cfg.task.name, method=cfg.method.name, model=cfg.model.name, tag=cfg.get("tag"),
-        wall_time_s_before=run_dir.info.get("wall_time_s", 0.0),
-    )
     try:
-        metrics = fit(cfg, run_dir)
+        with lifecycle(run_dir, cfg):
+            metrics = fit(cfg, run_dir)
     except UserError as e:
-        run_dir.finish("failed", str(e))
         fail(str(e))
     except Interrupted as e:
-        run_dir.finish("interrupted", str(e))
         hydra_cfg = HydraConfig.get()  # a sweep ignores hydra.run.dir: its job dirs live under hydra.sweep.dir
         where = (f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()}" if hydra_cfg.mode == RunMode.MULTIRUN
                  else f"hydra.run.dir={run_dir.path}")
         fail(f"{e}; rerun the same command with {where} to resume", code=3)
-    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or submitit's handler exiting before a SLURM requeue
-        run_dir.finish("interrupted", f"{type(e).__name__}: {e}")
-        raise
-    except BaseException as e:
-        run_dir.finish("failed", f"{type(e).__name__}: {e}")
-        raise
-    run_dir.finish("completed")
     main_key = run_dir.info.get("main_metric")
     if main_key in metrics:
         log.info("done: %s = %.4f  (%s)", main_key, metrics[main_key], run_dir.path)

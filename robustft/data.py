@@ -34,6 +34,19 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     return path
 
 
+def label_kwargs(task: DictConfig) -> dict:
+    """The label part of a model config for the task (num_labels, problem_type, id2label/label2id)."""
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    names = list(task.label_names)
+    return {
+        "num_labels": len(names),
+        "problem_type": "single_label_classification",
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+
+
 def label_parser(task: DictConfig):
     """Return raw-string -> label id (or float) for the task; rejects anything outside the label set."""
     name, regression, names = str(task.name), bool(task.is_regression), [str(n) for n in task.label_names]

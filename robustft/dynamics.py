@@ -1,23 +1,21 @@
 """Training dynamics (Dataset Cartography): each training example's logits per epoch.
 
 Logits come from the training forward pass itself (dropout on, as allenai/cartography records them), so
-recording costs no extra forward; they are kept on the CPU and written once per epoch in cartography's
-format: `training_dynamics/dynamics_epoch_{e}.jsonl`, rows `{"guid", "logits_epoch_{e}", "gold"}`.
+recording costs no extra forward; they are kept on the CPU and written (by the run directory) once per
+epoch in cartography's format: `training_dynamics/dynamics_epoch_{e}.jsonl`, rows `{"guid", "logits_epoch_{e}", "gold"}`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 
 class TrainingDynamics:
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    """Collects (guid, logits, gold) of every training forward; the run directory writes each epoch's rows."""
+
+    def __init__(self) -> None:
         self.idx: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.gold: list[torch.Tensor] = []
@@ -27,20 +25,14 @@ class TrainingDynamics:
         self.logits.append(logits.detach().float().cpu())
         self.gold.append(labels.detach().cpu())
 
-    def write_epoch(self, epoch: int) -> Path:
-        """Write the epoch's file atomically (sorted by guid) and start a new epoch."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"dynamics_epoch_{epoch}.jsonl"
+    def epoch_rows(self, epoch: int) -> list[dict[str, Any]]:
+        """The epoch's rows in cartography's format, sorted by guid; starts a new epoch."""
         idx, logits, gold = self._cat()
         order = torch.argsort(idx)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            for i in order.tolist():
-                row = {"guid": int(idx[i]), f"logits_epoch_{epoch}": logits[i].tolist(), "gold": gold[i].item()}
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
+        rows = [{"guid": int(idx[i]), f"logits_epoch_{epoch}": logits[i].tolist(), "gold": gold[i].item()}
+                for i in order.tolist()]
         self.idx, self.logits, self.gold = [], [], []
-        return path
+        return rows
 
     def _cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.idx:

@@ -165,12 +165,12 @@ class GloveBowForSequenceClassification(PreTrainedModel):
 
 def load_glove_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = None) -> PreTrainedModel:
     """A fresh GloVe BoW classifier for the task, or one restored from a checkpoint folder."""
-    from robustft.models import _label_kwargs
+    from robustft.data import label_kwargs
 
     extra = model_cfg.get("config_overrides")
     overrides = dict(OmegaConf.to_container(extra, resolve=True)) if extra else {}
     config = GloveBowConfig(vectors=vectors_module(model_cfg.pretrained), pair=len(task.text_fields) > 1,
-                            **_label_kwargs(task), **overrides)
+                            **label_kwargs(task), **overrides)
     model = GloveBowForSequenceClassification(config)
     if ckpt_path:
         from safetensors.torch import load_file

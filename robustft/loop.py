@@ -1,4 +1,8 @@
-"""The training loop: explicit and short. Methods change behaviour through hooks (methods/base.py)."""
+"""The training loop: explicit and short, in named parts (resume, step, log, evaluate/keep best, save).
+
+Methods change behaviour through hooks (methods/base.py); the loop itself writes nothing: every row,
+checkpoint and dynamics file goes through the run directory (robustft/rundir.py).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,18 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from omegaconf import DictConfig
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
 from robustft import checkpoint as ckpt
 from robustft.data import collate, epoch_batches
 from robustft.dynamics import TrainingDynamics
-from robustft.errors import Interrupted
+from robustft.errors import Interrupted, UserError
 from robustft.methods.base import LoopHandle, Method
 from robustft.models import count_params
 from robustft.predict import evaluate
@@ -30,8 +34,12 @@ log = logging.getLogger("robustft")
 
 
 @dataclass
-class Progress:
-    """Where training is; saved with every checkpoint so a resumed run continues exactly."""
+class LoopState:
+    """Where training is; saved with every checkpoint so a resumed run continues exactly.
+
+    The loss window and the number of metrics.jsonl rows travel too: a resumed run drops the rows written
+    after its checkpoint and logs the same loss values as an uninterrupted run.
+    """
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
@@ -43,140 +51,195 @@ class Progress:
     tokens: int = 0
     train_time_s: float = 0.0
     stopped_early: bool = False
+    window_loss: float = 0.0  # sum of micro-batch losses since the last train row
+    window_n: int = 0
+    log_rows: int | None = None  # metrics.jsonl rows at the time of the checkpoint
 
 
-def train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Dataset, evals: dict[str, Dataset],
-                device, amp, metric_name: str, ckpt_dir: Path, eval_split: str = "validation") -> dict[str, float]:
-    tcfg, task, seed = cfg.trainer, cfg.task, int(cfg.seed)
-    batch_size, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
-    n_batches = math.ceil(len(train) / batch_size)
-    steps_per_epoch = math.ceil(n_batches / accum)
-    total = int(tcfg.max_steps) if int(tcfg.max_steps) > 0 else int(tcfg.epochs) * steps_per_epoch
-    eval_every = steps_per_epoch if str(tcfg.eval_every) == "epoch" else int(tcfg.eval_every)
-    optimizer = method.configure_optimizer(model, tcfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(float(tcfg.warmup_ratio) * total), total)
-    flops_per_token = 6 * count_params(model, non_embedding=True)  # forward + backward, Kaplan et al.
-    p = Progress()
-    best_state: dict[str, torch.Tensor] | None = None
+class Loop:
+    """One training run of `method` on `model`; `run()` returns the train/ and cost/ metrics."""
 
-    dynamics = TrainingDynamics(run.path / "training_dynamics") if tcfg.get("record_dynamics") else None
-    last = ckpt.find_checkpoint(ckpt_dir / "last") if cfg.resume == "auto" else None
-    if last is not None:
+    def __init__(self, cfg: DictConfig, run: RunDir, model, method: Method, tokenizer, train: Dataset,
+                 evals: dict[str, Dataset], device: torch.device, amp: torch.dtype | None, metric_name: str,
+                 eval_split: str = "validation") -> None:
+        self.cfg, self.tcfg, self.task, self.seed = cfg, cfg.trainer, cfg.task, int(cfg.seed)
+        self.run_dir, self.model, self.method, self.tokenizer = run, model, method, tokenizer
+        self.train, self.evals, self.device, self.amp = train, evals, device, amp
+        self.metric_name, self.eval_split = metric_name, eval_split
+        self.batch_size, self.accum = int(self.tcfg.batch_size), int(self.tcfg.grad_accum)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train) / self.batch_size) / self.accum)
+        max_steps = int(self.tcfg.max_steps)
+        self.total = max_steps if max_steps > 0 else int(self.tcfg.epochs) * self.steps_per_epoch
+        self.by_epoch = str(self.tcfg.eval_every) == "epoch"
+        self.eval_every = self.steps_per_epoch if self.by_epoch else int(self.tcfg.eval_every)
+        self.optimizer = method.configure_optimizer(model, self.tcfg)
+        warmup = math.ceil(float(self.tcfg.warmup_ratio) * self.total)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total)
+        self.flops_per_token = 6 * count_params(model, non_embedding=True)  # forward + backward, Kaplan et al.
+        self.state = LoopState()
+        self.best_state: dict[str, torch.Tensor] | None = None  # best weights when checkpoints are off
+        self.dynamics = TrainingDynamics() if self.tcfg.get("record_dynamics") else None
+
+    # --- resume and save -------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from checkpoints/last when `resume=auto` finds one (weights, optimizer, RNG, state)."""
+        last = self.run_dir.last_checkpoint() if self.cfg.resume == "auto" else None
+        if last is None:
+            return
         state = ckpt.load_training_state(last)
-        model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
+        self.model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
-        p = Progress(**state["progress"])
-        if dynamics is not None:
-            dynamics.load_state_dict(state.get("dynamics") or {})
-        log.info("resumed from %s at step %d (epoch %d)", last, p.step, p.epoch)
-        run.update(resumed_from_step=p.step)
+        self.state = LoopState(**state["progress"])
+        if self.dynamics is not None:
+            self.dynamics.load_state_dict(state.get("dynamics") or {})
+        if self.state.log_rows is not None:
+            self.run_dir.truncate_log(self.state.log_rows)  # rows logged after the checkpoint come again
+        log.info("resumed from %s at step %d (epoch %d)", last, self.state.step, self.state.epoch)
+        self.run_dir.update(resumed_from_step=self.state.step)
 
-    def save_last() -> None:
-        if tcfg.save_checkpoints:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "method": method.state_dict(), "rng": ckpt.rng_state(), "progress": asdict(p),
-                     "dynamics": dynamics.state_dict() if dynamics is not None else {}}
-            ckpt.save_checkpoint(ckpt_dir / "last", model, tokenizer, state)
+    def save_last(self) -> None:
+        if not self.tcfg.save_checkpoints:
+            return
+        self.state.log_rows = self.run_dir.log_rows
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "method": self.method.state_dict(), "rng": ckpt.rng_state(), "progress": asdict(self.state),
+                 "dynamics": self.dynamics.state_dict() if self.dynamics is not None else {}}
+        self.run_dir.save_checkpoint("last", self.model, self.tokenizer, state)
 
-    def run_eval() -> bool:
-        """Evaluate, keep the best checkpoint; returns True when early stopping says stop."""
-        nonlocal best_state
-        metrics, _ = evaluate(model, method, evals[eval_split], tokenizer, task, int(tcfg.eval_batch_size), device, amp)
-        run.log({"step": p.step, "epoch": p.epoch, "split": eval_split, **metrics})
-        value = metrics[metric_name]
-        log.info("step %d eval: %s", p.step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if p.best_metric is None or value > p.best_metric:
-            p.best_metric, p.best_step, p.bad_evals = value, p.step, 0
-            if tcfg.save_checkpoints:
-                ckpt.save_checkpoint(ckpt_dir / "best", model, tokenizer, None)
-            else:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            p.bad_evals += 1
-        patience = int(tcfg.early_stopping_patience)
-        return patience > 0 and p.bad_evals >= patience
-
-    # A method's own stage before the first step (weight_mixup's stage 1), resumable through save_last.
-    method.before_training(model, train, LoopHandle(log=run.log, save=save_last, amp=amp))
-    bar = Bar(total=total, enabled=sys.stdout.isatty(), desc=f"{method.name} {task.name}")
-    bar.update(p.step)
-    window_loss, window_n, stop, batches = 0.0, 0, False, None
-    model.train()
-    while p.step < total and not stop:
-        if batches is None:  # the epoch's order is a pure function of (seed, epoch)
-            batches = epoch_batches(train, batch_size, seed, p.epoch, bool(tcfg.group_by_length))
-        t0 = time.perf_counter()
-        group = batches[p.batch_in_epoch : p.batch_in_epoch + accum]
-        logs: dict[str, float] = {}
+    # --- one optimizer step ----------------------------------------------------------------------
+    def step(self, group: list[list[int]]) -> tuple[dict[str, float], torch.Tensor]:
+        """Forward/backward over the micro-batches of `group`, clip, then the method's optimizer step."""
+        s, logs = self.state, {}
         for rows in group:
-            batch = to_device(collate(train, rows, tokenizer, task.is_regression), device)
-            with autocast(device, amp):
-                out = method.training_step(model, batch)
+            batch = to_device(collate(self.train, rows, self.tokenizer, self.task.is_regression), self.device)
+            with autocast(self.device, self.amp):
+                out = self.method.training_step(self.model, batch)
             (out.loss / len(group)).backward()
-            window_loss += out.loss.item()
-            window_n += 1
-            p.examples += len(rows)
-            p.tokens += int(batch["attention_mask"].sum())
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                raise UserError(f"the training loss is {loss} at step {s.step + 1}; lower trainer.lr "
+                                f"(now {float(self.tcfg.lr):g}) or check the data and the checkpoint")
+            s.window_loss += loss
+            s.window_n += 1
+            s.examples += len(rows)
+            s.tokens += int(batch["attention_mask"].sum())
             logs.update(out.logs)
-            if dynamics is not None and out.logits is not None:
-                dynamics.add(batch["idx"], out.logits, batch["labels"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.max_grad_norm))
-        logs.update(method.optimizer_step(optimizer, model))
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        p.train_time_s += time.perf_counter() - t0
-        p.step += 1
-        p.batch_in_epoch += len(group)
-        epoch_end = p.batch_in_epoch >= len(batches)
-        if epoch_end and dynamics is not None:
-            dynamics.write_epoch(p.epoch)
-        if epoch_end:
-            p.epoch, p.batch_in_epoch, batches = p.epoch + 1, 0, None
-        bar.update(1)
+            if self.dynamics is not None and out.logits is not None:
+                self.dynamics.add(batch["idx"], out.logits, batch["labels"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.tcfg.max_grad_norm))
+        logs.update(self.method.optimizer_step(self.optimizer, self.model))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logs, grad_norm
 
-        if p.step % int(tcfg.log_every) == 0 or p.step == total:
-            row = {"step": p.step, "epoch": p.epoch, "split": "train", "loss": window_loss / window_n,
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "examples_per_s": p.examples / p.train_time_s, **logs}
-            run.log(row)
-            if not bar.enabled:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s", p.step, total, row["loss"], row["lr"], row["examples_per_s"])
-            window_loss, window_n = 0.0, 0
-        by_epoch = str(tcfg.eval_every) == "epoch"
-        if (by_epoch and epoch_end) or (not by_epoch and p.step % eval_every == 0) or p.step == total:
-            model.eval()
-            stop = run_eval()
-            model.train()
-            p.stopped_early = stop
-            save_last()
+    def log_train(self, logs: dict[str, float], grad_norm: torch.Tensor, bar: Bar) -> None:
+        """A metrics.jsonl train row every `log_every` steps (and at the last step)."""
+        s = self.state
+        row = {"step": s.step, "epoch": s.epoch, "split": "train", "loss": s.window_loss / s.window_n,
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "examples_per_s": s.examples / s.train_time_s, **logs}
+        self.run_dir.log(row)
+        if not bar.enabled:
+            log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s", s.step, self.total, row["loss"], row["lr"],
+                     row["examples_per_s"])
+        s.window_loss, s.window_n = 0.0, 0
+
+    # --- evaluation and the best checkpoint --------------------------------------------------------
+    def evaluate_and_keep_best(self) -> bool:
+        """Evaluate, keep the best checkpoint; returns True when early stopping says stop."""
+        s, tcfg = self.state, self.tcfg
+        self.model.eval()
+        metrics, _ = evaluate(self.model, self.method, self.evals[self.eval_split], self.tokenizer, self.task,
+                              int(tcfg.eval_batch_size), self.device, self.amp)
+        self.model.train()
+        self.run_dir.log({"step": s.step, "epoch": s.epoch, "split": self.eval_split, **metrics})
+        log.info("step %d eval: %s", s.step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        value = metrics[self.metric_name]
+        if s.best_metric is None or value > s.best_metric:
+            s.best_metric, s.best_step, s.bad_evals = value, s.step, 0
+            if tcfg.save_checkpoints:
+                self.run_dir.save_checkpoint("best", self.model, self.tokenizer, None)
+            else:
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            s.bad_evals += 1
+        patience = int(tcfg.early_stopping_patience)
+        return patience > 0 and s.bad_evals >= patience
+
+    def restore_best(self) -> None:
+        """Put the best weights back for the final evaluation."""
+        best = self.run_dir.path / "checkpoints" / "best" / "model.safetensors"
+        if self.tcfg.save_checkpoints and best.is_file():
+            self.model.load_state_dict(load_file(str(best)), strict=False)
+        elif self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.resume()
+        # A method's own stage before the first step (weight_mixup's stage 1), resumable through save_last.
+        handle = LoopHandle(log=self.run_dir.log, save=self.save_last, amp=self.amp)
+        self.method.before_training(self.model, self.train, handle)
+        s, tcfg, stop, batches = self.state, self.tcfg, False, None
+        bar = Bar(total=self.total, enabled=sys.stdout.isatty(), desc=f"{self.method.name} {self.task.name}")
+        bar.update(s.step)
+        self.model.train()
+        while s.step < self.total and not stop:
+            if batches is None:  # the epoch's order is a pure function of (seed, epoch)
+                batches = epoch_batches(self.train, self.batch_size, self.seed, s.epoch, bool(tcfg.group_by_length))
+            t0 = time.perf_counter()
+            group = batches[s.batch_in_epoch : s.batch_in_epoch + self.accum]
+            logs, grad_norm = self.step(group)
+            s.train_time_s += time.perf_counter() - t0
+            s.step += 1
+            s.batch_in_epoch += len(group)
+            epoch_end = s.batch_in_epoch >= len(batches)
+            if epoch_end and self.dynamics is not None:
+                self.run_dir.write_dynamics(s.epoch, self.dynamics.epoch_rows(s.epoch))
+            if epoch_end:
+                s.epoch, s.batch_in_epoch, batches = s.epoch + 1, 0, None
+            bar.update(1)
+            if s.step % int(tcfg.log_every) == 0 or s.step == self.total:
+                self.log_train(logs, grad_norm, bar)
+            stop = self.maybe_evaluate_and_save(epoch_end)
+        bar.close()
+        self.restore_best()
+        return self.results()
+
+    def maybe_evaluate_and_save(self, epoch_end: bool) -> bool:
+        """Evaluate (and save) on schedule, else save every `save_every` steps; True = stop early."""
+        s, tcfg, stop = self.state, self.tcfg, False
+        due = epoch_end if self.by_epoch else s.step % self.eval_every == 0
+        if due or s.step == self.total:
+            stop = self.evaluate_and_keep_best()
+            s.stopped_early = stop
+            self.save_last()
             if stop:
-                log.info("early stopping at step %d (best step %d)", p.step, p.best_step)
-        elif p.step % int(tcfg.save_every) == 0:
-            save_last()
-        if tcfg.get("interrupt_at_step") and p.step == int(tcfg.interrupt_at_step):
-            save_last()
-            raise Interrupted(f"interrupted at step {p.step} (trainer.interrupt_at_step)")
-    bar.close()
+                log.info("early stopping at step %d (best step %d)", s.step, s.best_step)
+        elif s.step % int(tcfg.save_every) == 0:
+            self.save_last()
+        if tcfg.get("interrupt_at_step") and s.step == int(tcfg.interrupt_at_step):
+            self.save_last()
+            raise Interrupted(f"interrupted at step {s.step} (trainer.interrupt_at_step)")
+        return stop
 
-    # Restore the best weights for the final evaluation.
-    if tcfg.save_checkpoints and (ckpt_dir / "best").is_dir():
-        model.load_state_dict(load_file(str(ckpt_dir / "best" / "model.safetensors")), strict=False)
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    out: dict[str, Any] = {
-        "train/steps": p.step,
-        "train/epochs": p.step / steps_per_epoch,
-        "train/examples": p.examples,
-        "train/wall_s": p.train_time_s,
-        "train/examples_per_s": p.examples / p.train_time_s if p.train_time_s else float("nan"),
-        "train/stopped_early": float(p.stopped_early),
-        "best/step": p.best_step,
-        f"best/{eval_split}_{metric_name}": p.best_metric,
-        "cost/train_tokens": p.tokens,
-        "cost/train_flops": float(flops_per_token * p.tokens),
-    }
-    run.update(train_time_s=p.train_time_s, train_examples_per_s=out["train/examples_per_s"], steps=p.step)
-    return out
+    def results(self) -> dict[str, Any]:
+        s = self.state
+        out: dict[str, Any] = {
+            "train/steps": s.step,
+            "train/epochs": s.step / self.steps_per_epoch,
+            "train/examples": s.examples,
+            "train/wall_s": s.train_time_s,
+            "train/examples_per_s": s.examples / s.train_time_s if s.train_time_s else float("nan"),
+            "train/stopped_early": float(s.stopped_early),
+            "best/step": s.best_step,
+            f"best/{self.eval_split}_{self.metric_name}": s.best_metric,
+            "cost/train_tokens": s.tokens,
+            "cost/train_flops": float(self.flops_per_token * s.tokens),
+        }
+        self.run_dir.update(train_time_s=s.train_time_s, train_examples_per_s=out["train/examples_per_s"],
+                            steps=s.step)
+        return out

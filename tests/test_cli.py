@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from robustft.cli import CONF_DIR
+from robustft.errors import Interrupted
 from tests.conftest import DATA_DIR, make_cfg, needs_data
 
 GROUPS = ["model", "task", "method", "trainer"]
@@ -215,10 +216,6 @@ def test_preflight_sweeps_globs_and_other_config_dirs(monkeypatch, capsys):
     assert calls == [["seed=1,2", "hydra.sweep.dir=/x"]]
 
 
-class Interrupted(Exception):
-    """Stands in for robustft.errors.Interrupted."""
-
-
 def run_with_fit(tmp_path, monkeypatch, error: BaseException, mode: str = "RUN") -> int:
     """cli.run() in-process with a stand-in robustft.runner whose fit raises `error`; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
@@ -230,7 +227,6 @@ def run_with_fit(tmp_path, monkeypatch, error: BaseException, mode: str = "RUN")
 
     # run() imports robustft.runner lazily: a stand-in module means no torch import for these tests
     monkeypatch.setitem(sys.modules, "robustft.runner", types.SimpleNamespace(fit=fit))
-    monkeypatch.setattr("robustft.errors.Interrupted", Interrupted)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_random"], return_hydra_config=True)
     with open_dict(cfg):

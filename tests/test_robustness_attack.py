@@ -247,13 +247,13 @@ def test_yaml_compositions_run_on_real_dev(tmp_path, name):
     (ev,) = build_evaluators(cfg)
     assert ev.name == name
     model = BagOfWords({"good": [0, 3], "bad": [3, 0], "fun": [0, 3], "dull": [3, 0]}, bias=[0.1, 0])
-    metrics, records = ev.evaluate(model, EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, records = ev.evaluate(model, EvalContext(cfg.task, DATA_DIR, 0))
     assert metrics["n"] == 6 and len(records) == 6
     for key in ("clean_acc", "acc_under_attack", "attack_success_rate", "avg_perturbed_words_pct", "avg_queries"):
         assert key in metrics
     assert metrics["acc_under_attack"] <= metrics["clean_acc"]
     assert {r["status"] for r in records} <= {"succeeded", "failed", "skipped"}
-    again, _ = build_evaluators(cfg)[0].evaluate(model, EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    again, _ = build_evaluators(cfg)[0].evaluate(model, EvalContext(cfg.task, DATA_DIR, 0))
     assert {k: v for k, v in again.items() if not k.endswith("_per_s")} == \
         pytest.approx({k: v for k, v in metrics.items() if not k.endswith("_per_s")}, nan_ok=True)
 
@@ -263,7 +263,7 @@ def test_attack_on_nli_pairs_defaults_to_hypothesis(tmp_path):
     cfg = make_cfg(["task=rte", "robustness=[textfooler]", "robustness.textfooler.num_examples=4"])
     (ev,) = build_evaluators(cfg)
     model = BagOfWords({"not": [0, 2]}, bias=[0.5, 0])
-    _, records = ev.evaluate(model, EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    _, records = ev.evaluate(model, EvalContext(cfg.task, DATA_DIR, 0))
     for r in records:
         assert r["attacked_field"] == "sentence2"
         assert r["perturbed"]["sentence1"] == r["original"]["sentence1"]

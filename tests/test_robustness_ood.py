@@ -77,14 +77,14 @@ def test_auto_selects_sets_that_fit(task, expected):
 
 def test_sentiment_model_on_yelp(tmp_path):
     cfg, ev = ood(["robustness.ood.sets=[yelp]", "robustness.ood.max_examples=100"])
-    metrics, records = ev.evaluate(Constant(0), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, records = ev.evaluate(Constant(0), EvalContext(cfg.task, DATA_DIR, 0))
     assert set(metrics) == {"yelp_accuracy", "yelp_n"} and metrics["yelp_n"] == 100
     assert metrics["yelp_accuracy"] == sum(r["label"] == "negative" for r in records) / 100
 
 
 def test_two_way_model_on_three_way_set_collapses_gold(tmp_path):
     cfg, ev = ood(["robustness.ood.sets=[anli_r1]"], task="rte")
-    metrics, records = ev.evaluate(Constant(1), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))  # not_entailment
+    metrics, records = ev.evaluate(Constant(1), EvalContext(cfg.task, DATA_DIR, 0))  # not_entailment
     assert metrics["anli_r1_accuracy"] == pytest.approx(666 / 1000)
     assert records[0]["collapsed"] and {r["label"] for r in records} == {E, "not_entailment"}
 
@@ -100,14 +100,14 @@ def test_three_way_model_on_two_way_set_collapses_predictions(tmp_path):
     with open(DATA_DIR / "glue/RTE/dev.tsv", newline="") as f:
         gold = Counter(row["label"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     for cls, right in ((1, gold["not_entailment"]), (2, gold["not_entailment"]), (0, gold[E])):
-        metrics, records = ev.evaluate(Constant(cls, 3), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+        metrics, records = ev.evaluate(Constant(cls, 3), EvalContext(cfg.task, DATA_DIR, 0))
         assert metrics["rte_dev_accuracy"] == pytest.approx(right / 277)
     assert records[0]["model_pred"] == E
 
 
 def test_nli_model_on_nli_set_is_direct(tmp_path):
     cfg, ev = ood(["robustness.ood.sets=[anli_r3]"], task="snli")
-    metrics, records = ev.evaluate(Constant(2, 3), EvalContext(cfg.task, DATA_DIR, 0, tmp_path))
+    metrics, records = ev.evaluate(Constant(2, 3), EvalContext(cfg.task, DATA_DIR, 0))
     assert metrics["anli_r3_accuracy"] == pytest.approx(396 / 1200) and not records[0]["collapsed"]
 
 

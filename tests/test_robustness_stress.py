@@ -33,12 +33,16 @@ def toy(counts: dict[int, int]) -> DatasetDict:
 
 def stressed(overrides, counts, task="sst2", run=None):
     cfg = make_cfg([f"task={task}", *overrides])
-    return apply_stress(toy(counts), cfg, run)["train"]
+    data, report = apply_stress(toy(counts), cfg)
+    if run is not None:
+        run.info["stress"] = report
+    return data["train"]
 
 
 def test_none_is_a_no_op():
     data = toy({0: 10, 1: 20})
-    assert apply_stress(data, make_cfg([]), None) is data
+    out, report = apply_stress(data, make_cfg([]))
+    assert out is data and report is None
 
 
 @pytest.mark.parametrize("ratio, expected", [("1:10", {0: 40, 1: 400}), (0.1, {0: 40, 1: 400}),
@@ -107,7 +111,7 @@ def test_combined_order_seeded_and_recorded():
 
 def test_validation_split_is_untouched():
     data = toy({0: 50, 1: 50})
-    out = apply_stress(data, make_cfg(["stress=label_noise"]), None)
+    out, _ = apply_stress(data, make_cfg(["stress=label_noise"]))
     assert out["validation"]["label"] == data["validation"]["label"]
 
 
@@ -134,5 +138,5 @@ def test_parse_ratio():
 def test_real_sst2_slice():
     cfg = make_cfg(["stress=imbalance", "stress.imbalance.ratio='1:5'", "task.max_train_samples=1200"])
     data = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
-    counts = Counter(apply_stress(data, cfg, None)["train"]["label"])
+    counts = Counter(apply_stress(data, cfg)[0]["train"]["label"])
     assert counts[1] == 5 * counts[0] and counts[0] > 0

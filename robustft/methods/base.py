@@ -1,8 +1,11 @@
 """The method interface. `Method` itself is ERM; robust methods override a few hooks.
 
-The training loop (robustft.loop) calls, in order:
+The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
   setup(model, ctx)            -> model      wrap/modify the model (e.g. add layers)
+  stages()                     -> [RunStage] runs needed before the main training (FTFT's reference run);
+  stage_done(result)                         the runner runs each and hands back its StageResult
   train_data(train, ctx)       -> Dataset    change the training data (selection, stresses)
+  files() / run_info()         -> dict       records the runner writes into the run directory / run_info.json
   configure_optimizer(model)   -> optimizer
   before_training(model, train, loop)        once, after a resume restored state, before the first step
   per batch: training_step(model, batch) -> StepOutput   (the loop calls loss.backward())
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
+
+from robustft.stages import RunStage, StageResult
 
 
 @dataclass
@@ -34,9 +38,7 @@ class TrainContext:
     trainer: DictConfig
     device: torch.device
     seed: int
-    run_dir: Path | None = None
     tokenizer: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -95,8 +97,26 @@ class Method:
         self.ctx = ctx
         return model
 
+    def stages(self) -> list[RunStage]:
+        """Runs this method needs before its main training; the runner runs them (robustft/stages.py)."""
+        return []
+
+    def stage_done(self, result: StageResult) -> None:
+        """The artifacts of a finished (or reused) stage: its folder and metrics."""
+
     def train_data(self, train: Dataset, ctx: TrainContext) -> Dataset:
         return train
+
+    def files(self) -> dict[str, Any]:
+        """Files for the run directory, by relative name (a JSON object, or a list of rows for `.jsonl`).
+
+        Methods never write into the run directory themselves: the runner hands these to `RunDir`.
+        """
+        return {}
+
+    def run_info(self) -> dict[str, Any]:
+        """Fields the runner merges into run_info.json after `train_data` (e.g. what was selected)."""
+        return {}
 
     def configure_optimizer(self, model: nn.Module, trainer: DictConfig) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -7,7 +7,6 @@ misfit or a missing resource fails in seconds, not after hours) and `evaluate` o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ class EvalContext:
     task: DictConfig  # the task the model was trained on
     data_dir: Path | None  # local data bundle (None = hub)
     seed: int
-    out_dir: Path  # <run>/eval/<evaluator name>
 
 
 class Evaluator:
@@ -53,18 +51,14 @@ def build_evaluators(cfg: DictConfig) -> list[Evaluator]:
     return evaluators
 
 
-def run_evaluators(evaluators: list[Evaluator], predictor: Predictor, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Run each evaluator; write `eval/<name>/samples.jsonl`; return `<name>/<metric>` metrics."""
+def run_evaluators(evaluators: list[Evaluator], predictor: Predictor, cfg: DictConfig
+                   ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """Run each evaluator; returns `<name>/<metric>` metrics and each evaluator's per-example records
+    (the runner writes them to `eval/<name>/samples.jsonl`)."""
     out: dict[str, float] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
     data_dir = resolve_data_dir(cfg.get("data_dir"))
     for ev in evaluators:
-        folder = run_dir / "eval" / ev.name
-        folder.mkdir(parents=True, exist_ok=True)
-        metrics, samples = ev.evaluate(predictor, EvalContext(cfg.task, data_dir, int(cfg.seed), folder))
-        tmp = folder / ".samples.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for rec in samples:
-                f.write(json.dumps(rec, default=str) + "\n")
-        tmp.replace(folder / "samples.jsonl")
+        metrics, samples[ev.name] = ev.evaluate(predictor, EvalContext(cfg.task, data_dir, int(cfg.seed)))
         out.update({f"{ev.name}/{k}": v for k, v in metrics.items()})
-    return out
+    return out, samples

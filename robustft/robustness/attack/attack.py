@@ -6,7 +6,6 @@ typo.yaml), not new code.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from robustft.robustness.attack.constraints import Constraint
-from robustft.robustness.attack.goal import Request, Scoring, Session, UntargetedClassification
-from robustft.robustness.attack.search import SearchMethod
+from robustft.robustness.attack.goal import Request, UntargetedClassification
+from robustft.robustness.attack.search import AttackRun, SearchMethod
 from robustft.robustness.attack.text import AttackedText
 from robustft.robustness.attack.transformations import Transformation
 
@@ -37,50 +36,6 @@ class AttackResult:
     @property
     def n_words(self) -> int:
         return len(self.original.words)
-
-
-class AttackRun:
-    """What a search method sees of one example: scoring, allowed positions, candidates, randomness."""
-
-    def __init__(self, attack: Attack, session: Session, original: AttackedText, seed: int, key: int,
-                 unk_token: str) -> None:
-        self.attack, self.session, self.original = attack, session, original
-        self.seed, self.key, self.unk_token = seed, key, unk_token
-
-    @property
-    def over(self) -> bool:
-        return self.session.over
-
-    def evaluate(self, texts: Sequence[AttackedText]) -> Scoring:
-        """Use as `results = yield from run.evaluate(texts)`: all texts go to the model in one call."""
-        return self.session.evaluate(texts)
-
-    def rng(self, *parts: int | str) -> np.random.Generator:
-        """A generator seeded by (seed, example key, parts): independent of search order."""
-        ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
-        return np.random.default_rng([self.seed, self.key, *ints])
-
-    def indices(self, text: AttackedText) -> list[int]:
-        """Positions every constraint allows, in text order."""
-        allowed = set(range(len(text.words)))
-        for c in self.attack.constraints:
-            sub = c.allowed_indices(text, self.original)
-            if sub is not None:
-                allowed &= sub
-        return sorted(allowed)
-
-    def transform(self, text: AttackedText, index: int) -> list[AttackedText]:
-        """Candidates at one position that pass every constraint (empty if the position is not allowed)."""
-        if index not in self.indices(text):
-            return []
-        word = text.words.words[index]
-        original_word = self.original.words.words[index]
-        subs = self.attack.transformation.candidates(word, self.rng("pos", index))
-        out = []
-        for s in subs:
-            if s != word and all(c.allows(original_word, s) for c in self.attack.constraints):
-                out.append(text.with_word(index, s))
-        return out
 
 
 class Attack:
@@ -104,7 +59,7 @@ class Attack:
         """One example's attack as a generator of scoring requests (see `attack_many`)."""
         original = AttackedText.create(tuple(fields), target)
         session = self.goal.session(int(label))
-        run = AttackRun(self, session, original, seed, key, unk_token)
+        run = AttackRun(self.constraints, self.transformation, session, original, seed, key, unk_token)
         initial = (yield from session.evaluate([original]))[0]
         if initial.succeeded:
             final, status = initial, SKIPPED

@@ -2,17 +2,62 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING
+import zlib
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
-from robustft.robustness.attack.goal import GoalResult, Request
-
-if TYPE_CHECKING:
-    from robustft.robustness.attack.attack import AttackRun
+from robustft.robustness.attack.constraints import Constraint
+from robustft.robustness.attack.goal import GoalResult, Request, Scoring, Session
+from robustft.robustness.attack.text import AttackedText
+from robustft.robustness.attack.transformations import Transformation
 
 WIR_METHODS = ("delete", "unk", "weighted-saliency", "random")
+
+
+class AttackRun:
+    """What a search method sees of one example: scoring, allowed positions, candidates, randomness."""
+
+    def __init__(self, constraints: Sequence[Constraint], transformation: Transformation, session: Session,
+                 original: AttackedText, seed: int, key: int, unk_token: str) -> None:
+        self.constraints, self.transformation = list(constraints), transformation
+        self.session, self.original = session, original
+        self.seed, self.key, self.unk_token = seed, key, unk_token
+
+    @property
+    def over(self) -> bool:
+        return self.session.over
+
+    def evaluate(self, texts: Sequence[AttackedText]) -> Scoring:
+        """Use as `results = yield from run.evaluate(texts)`: all texts go to the model in one call."""
+        return self.session.evaluate(texts)
+
+    def rng(self, *parts: int | str) -> np.random.Generator:
+        """A generator seeded by (seed, example key, parts): independent of search order."""
+        ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+        return np.random.default_rng([self.seed, self.key, *ints])
+
+    def indices(self, text: AttackedText) -> list[int]:
+        """Positions every constraint allows, in text order."""
+        allowed = set(range(len(text.words)))
+        for c in self.constraints:
+            sub = c.allowed_indices(text, self.original)
+            if sub is not None:
+                allowed &= sub
+        return sorted(allowed)
+
+    def transform(self, text: AttackedText, index: int) -> list[AttackedText]:
+        """Candidates at one position that pass every constraint (empty if the position is not allowed)."""
+        if index not in self.indices(text):
+            return []
+        word = text.words.words[index]
+        original_word = self.original.words.words[index]
+        subs = self.transformation.candidates(word, self.rng("pos", index))
+        out = []
+        for s in subs:
+            if s != word and all(c.allows(original_word, s) for c in self.constraints):
+                out.append(text.with_word(index, s))
+        return out
 
 
 class SearchMethod:
