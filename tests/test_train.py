@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from robustft.errors import Interrupted
+from robustft.errors import Interrupted, UserError
+from robustft.loop import Loop
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
@@ -71,6 +72,44 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_overrides, stop_at):
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     for key in ("validation/accuracy", "validation/loss", "best/step", "train/steps", "cost/train_tokens"):
         assert resumed[key] == full[key], key
+
+
+def curves(run_dir) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock rates."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+
+
+def test_curves_survive_a_kill_and_resume(tmp_path, tiny_overrides, monkeypatch):
+    """A kill between checkpoints (kill -9: no save) and a resume give the uninterrupted run's metrics.jsonl:
+    the row logged after the last checkpoint is not duplicated and the loss window carries over."""
+    over = [*tiny_overrides, "trainer.log_every=2", "trainer.save_every=3", "trainer.eval_every=50",
+            "trainer.max_steps=8"]
+    fit(make_cfg(over), RunDir(tmp_path / "full"))
+
+    class Killed(BaseException):
+        pass
+
+    original = Loop.maybe_evaluate_and_save
+
+    def kill_at_5(self, epoch_end):
+        stop = original(self, epoch_end)
+        if self.state.step == 5:  # the last save was at step 3, a train row was logged at step 4
+            raise Killed
+        return stop
+
+    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", kill_at_5)
+    with pytest.raises(Killed):
+        fit(make_cfg(over), RunDir(tmp_path / "cut"))
+    assert [r["step"] for r in curves(tmp_path / "cut")] == [2, 4]
+    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", original)
+    fit(make_cfg(over), RunDir(tmp_path / "cut"))
+    assert curves(tmp_path / "cut") == curves(tmp_path / "full")
+
+
+def test_non_finite_loss_stops_the_run_with_one_line(tmp_path, tiny_overrides):
+    with pytest.raises(UserError, match=r"training loss is (nan|inf) at step \d+; lower trainer.lr"):
+        fit(make_cfg([*tiny_overrides, "trainer.lr=1e30", "trainer.warmup_ratio=0"]), RunDir(tmp_path))
 
 
 def test_early_stopping_stops_after_patience(tmp_path, tiny_overrides):
