@@ -126,27 +126,28 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     mixed_model = load_model(cfg.model, cfg.task)
     ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=args.seed, tokenizer=tokenizer)
     mixed_model = method.setup(mixed_model, ctx)
+    stage = method.bilevel  # stage 1
     train = tokenize(method.train_data(data["train"], ctx), tokenizer, cfg.task, int(cfg.trainer.max_length))
-    tr, val = method.fold_split(len(train), 0)
-    total = method.steps_per_fold(len(tr))
+    tr, val = stage.fold_split(len(train), 0)
+    total = stage.steps_per_fold(len(tr))
     lengths = [len(x) for x in train["input_ids"]]
     padded = {}  # tokens incl. padding in one stage-1 epoch of D_tr, random vs length-grouped batches
     for grouped in (False, True):
-        method._lengths = lengths if grouped else None
-        rows = [method.batch_rows(tr, s, 0, 0) for s in range(math.ceil(len(tr) / args.batch_size))]
+        stage._lengths = lengths if grouped else None
+        rows = [stage.batch_rows(tr, s, 0, 0) for s in range(math.ceil(len(tr) / args.batch_size))]
         padded["grouped" if grouped else "random"] = sum(max(lengths[i] for i in b) * len(b) for b in rows)
     say(f"  padded D_tr tokens per stage-1 epoch: random batches {padded['random']}, length-grouped "
         f"{padded['grouped']} ({padded['random'] / padded['grouped']:.2f}x fewer)")
     # Timed steps use random batches: a length-grouped D_val batch is unrelated in length to its D_tr
     # batch, so one outer step would not compare with one vanilla step on the D_tr batch.
-    method._lengths = None
-    method.start_fold(mixed_model, 0)
+    stage._lengths = None
+    stage.start_fold(mixed_model, 0)
 
     def mb(tensors) -> float:
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
     # What stage 1 holds beyond a vanilla step (the inner AdamW state matches vanilla's). The pretrained
-    # non-mixed parameters for the fold resets and the fold sums wait on disk (weight_mixup.DiskCopy).
+    # non-mixed parameters for the fold resets and the fold sums wait on disk (weight_mixup's DiskCopy).
     buffers = {
         "W0 (the inherent copy)": mb(m.weight0 for m in method.mixed.values()),
         "v (d_W L_val, held through the finite difference)": mb(p for _, p in method.inner_params(mixed_model)),
@@ -156,8 +157,8 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
     def batch(rows):
         return collate(train, rows, tokenizer, cfg.task.is_regression)
 
-    b_tr = [batch(method.batch_rows(tr, s, 0, 0)) for s in range(args.steps)]
-    b_val = [batch(method.batch_rows(val, s, 0, 1)) for s in range(args.steps)]
+    b_tr = [batch(stage.batch_rows(tr, s, 0, 0)) for s in range(args.steps)]
+    b_val = [batch(stage.batch_rows(val, s, 0, 1)) for s in range(args.steps)]
     named = [(n, p) for n, p in plain.named_parameters()]
     opt = adamw([{"params": [p for _, p in named], "weight_decay": 0.01}], 2e-5, device)  # the loop's (fused) AdamW
     plain.train()
@@ -172,24 +173,24 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
 
     phases: dict[str, list[float]] = {"inner": [], "val": [], "fd": [], "outer_update": []}
 
-    def outer_step(i):  # method.outer_step, with its phases timed separately
+    def outer_step(i):  # stage.outer_step, with its phases timed separately
         t0 = time.perf_counter()
-        method.set_lrs(i, total)
-        method.inner_step(mixed_model, b_tr[i])
+        stage.set_lrs(i, total)
+        stage.inner_step(mixed_model, b_tr[i])
         t1 = time.perf_counter()
-        alphas, inner = method.alphas(), method._inner_list
-        loss_val = method.loss(mixed_model, b_val[i])
+        alphas, inner = method.alphas(), stage._inner_list
+        loss_val = stage.loss(mixed_model, b_val[i])
         grads = torch.autograd.grad(loss_val, alphas + inner, allow_unused=True)
-        v = method.precondition([g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(alphas):], inner)])
+        v = stage.precondition([g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(alphas):], inner)])
         direct = grads[: len(alphas)]
         del grads
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v])))
         t2 = time.perf_counter()
-        implicit = method.finite_difference(mixed_model, b_tr[i], v, 0.01 / (norm + 1e-12))
+        implicit = stage.finite_difference(mixed_model, b_tr[i], v, 0.01 / (norm + 1e-12))
         t3 = time.perf_counter()
         for a, d, h in zip(alphas, direct, implicit):
             a.grad = d - h
-        method.outer_opt.step()
+        stage.outer_opt.step()
         for m in method.mixed.values():
             m.a1.grad = m.a2.grad = None
             m.clamp_()
@@ -199,7 +200,7 @@ def step_cost(args: argparse.Namespace, say) -> dict[str, Any]:
 
     for i in range(min(2, args.steps)):  # warm-up
         vanilla_step(b_tr[i])
-        method.outer_step(mixed_model, b_tr[i], b_val[i], i, total)
+        stage.outer_step(mixed_model, b_tr[i], b_val[i], i, total)
     for k in phases:
         phases[k].clear()
     times: dict[str, list[float]] = {"vanilla": [], "outer": []}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
@@ -15,9 +17,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig, Deberta
 
 from robustft import checkpoint as ckpt
 from robustft.data import collate, load_task, tokenize
-from robustft.errors import Interrupted
+from robustft.errors import Interrupted, UserError
 from robustft.methods.base import LoopHandle, Method, TrainContext, model_inputs, task_loss
-from robustft.methods.weight_mixup import MixedLinear, WeightMixup, mixed_linear_names
+from robustft.methods.weight_mixup import BiLevelStage, MixedLinear, WeightMixup, mixed_linear_names
 from robustft.methods.weight_mixup import SameDropout as WMSameDropout
 from robustft.models import load_tokenizer
 from robustft.predict import evaluate
@@ -26,6 +28,12 @@ from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 
 VOCAB = 60
+YAML = Path(__file__).resolve().parents[1] / "robustft" / "conf" / "method" / "weight_mixup.yaml"
+
+
+def weight_mixup(**overrides) -> WeightMixup:
+    """The method as the runner builds it: the YAML (the only place defaults live) with `overrides` merged in."""
+    return instantiate(OmegaConf.merge(OmegaConf.load(YAML), overrides))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,7 +75,7 @@ def batch(n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def perturb_alpha(method: WeightMixup, seed: int = 1) -> None:
+def perturb_alpha(method: WeightMixup | BiLevelStage, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for a in method.alphas():
@@ -124,7 +132,7 @@ def test_wrapping_architectures_and_folded_export(arch, tmp_path):
     model = tiny_model(arch).eval()
     x = batch(3, 9, seed=2)
     before = model(**model_inputs(x)).logits
-    method = WeightMixup(folds=1)
+    method = weight_mixup(folds=1)
     method.setup(model, ctx())
     names = mixed_linear_names(model)
     assert not names  # the wrapped modules are MixedLinear now
@@ -153,28 +161,29 @@ def test_wrapping_architectures_and_folded_export(arch, tmp_path):
 # --- the hypergradient ------------------------------------------------------------------------------
 def hyper_setup(precondition: str, arch: str = "bert", dtype=torch.float64):
     model = tiny_model(arch, dtype=dtype)
-    method = WeightMixup(folds=1, fd={"precondition": precondition})
+    method = weight_mixup(folds=1, fd={"precondition": precondition})
     method.setup(model, ctx())
-    method.start_fold(model, 0)
-    perturb_alpha(method)
+    stage = method.bilevel
+    stage.start_fold(model, 0)
+    perturb_alpha(stage)
     model.train()
     b_tr, b_val = batch(4, 9, seed=3), batch(4, 7, seed=4)
-    method.inner_step(model, b_tr)  # W moves away from W0, the inner Adam state exists
-    return model, method, b_tr, b_val
+    stage.inner_step(model, b_tr)  # W moves away from W0, the inner Adam state exists
+    return model, stage, b_tr, b_val
 
 
-def exact_hypergradient(model, method, b_tr, b_val, loss=task_loss) -> list[torch.Tensor]:
+def exact_hypergradient(model, stage, b_tr, b_val, loss=task_loss) -> list[torch.Tensor]:
     """d_alpha L_val - d_alpha <d_W L_tr, P d_W L_val> by double backward through plain autograd ops."""
-    for m in method.mixed.values():
+    for m in stage.mixed.values():
         m.reference = True
-    alphas, inner = method.alphas(), method._inner_list
+    alphas, inner = stage.alphas(), stage._inner_list
     loss_val = loss(model(**model_inputs(b_val)).logits, b_val["labels"], False)
     grads = torch.autograd.grad(loss_val, alphas + inner)
-    direct, v = grads[: len(alphas)], method.precondition([g.detach() for g in grads[len(alphas):]])
+    direct, v = grads[: len(alphas)], stage.precondition([g.detach() for g in grads[len(alphas):]])
     loss_tr = loss(model(**model_inputs(b_tr)).logits, b_tr["labels"], False)
     g_w = torch.autograd.grad(loss_tr, inner, create_graph=True)
     mixed_second = torch.autograd.grad(sum((g * vv).sum() for g, vv in zip(g_w, v)), alphas)
-    for m in method.mixed.values():
+    for m in stage.mixed.values():
         m.reference = False
     return [d - h for d, h in zip(direct, mixed_second)]
 
@@ -185,18 +194,18 @@ def ce64(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool = False
 
 @pytest.mark.parametrize("precondition", ["adam", "none"])
 def test_fd_hypergradient_matches_exact_second_order(precondition, monkeypatch):
-    import robustft.methods.weight_mixup as wm
+    import robustft.methods.weight_mixup.bilevel as wm
 
     monkeypatch.setattr(wm, "task_loss", ce64)
-    model, method, b_tr, b_val = hyper_setup(precondition)
-    exact = torch.cat([g.flatten() for g in exact_hypergradient(model, method, b_tr, b_val, ce64)])
-    direct = torch.autograd.grad(ce64(model(**model_inputs(b_val)).logits, b_val["labels"]), method.alphas())
+    model, stage, b_tr, b_val = hyper_setup(precondition)
+    exact = torch.cat([g.flatten() for g in exact_hypergradient(model, stage, b_tr, b_val, ce64)])
+    direct = torch.autograd.grad(ce64(model(**model_inputs(b_val)).logits, b_val["labels"]), stage.alphas())
     implicit = torch.cat([g.flatten() for g in direct]) - exact  # the second-order term the FD approximates
     assert implicit.norm() > 1e-2 * exact.norm()  # not negligible: the test checks it, not only d_alpha L_val
     errors = []
     for radius in (0.01, 0.001):  # the official R = 0.01, then a smaller step: O(eps^2) truncation error
-        method.fd["radius"] = radius
-        fd, info = method.hypergradient(model, b_tr, b_val)
+        stage.fd["radius"] = radius
+        fd, info = stage.hypergradient(model, b_tr, b_val)
         errors.append(float((torch.cat([g.flatten() for g in fd]) - exact).norm()))
         assert info["fd_eps"] > 0
     assert errors[0] <= 1e-3 * float(exact.norm()) and errors[0] <= 1e-2 * float(implicit.norm())
@@ -205,16 +214,16 @@ def test_fd_hypergradient_matches_exact_second_order(precondition, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "deberta"])
 def test_finite_difference_restores_weights_bit_exactly(arch):
-    model, method, b_tr, b_val = hyper_setup("adam", arch=arch, dtype=torch.float32)
+    model, stage, b_tr, b_val = hyper_setup("adam", arch=arch, dtype=torch.float32)
     model.train()
     for module in model.modules():  # dropout on: the two passes must share masks
         if isinstance(module, nn.Dropout):
             module.p = 0.1
     before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    hyper, _ = method.hypergradient(model, b_tr, b_val)
+    hyper, _ = stage.hypergradient(model, b_tr, b_val)
     after = dict([*model.named_parameters(), *model.named_buffers()])
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(m.delta is None and m.eps == 0.0 for m in method.mixed.values())
+    assert all(m.delta is None and m.eps == 0.0 for m in stage.mixed.values())
     assert all(p.requires_grad for p in model.parameters())  # the passes freeze the non-mixed ones, then thaw
     assert all(torch.isfinite(h).all() for h in hyper) and any(h.abs().sum() > 0 for h in hyper)
 
@@ -236,19 +245,19 @@ class NeverReplay(WMSameDropout):
 
 @pytest.mark.parametrize(("arch", "attn"), [("bert", "eager"), ("bert", "sdpa"), ("roberta", "sdpa"), ("deberta", "eager")])
 def test_replayed_dropout_masks_equal_redrawn_ones(arch, attn, monkeypatch):
-    import robustft.methods.weight_mixup as wm
+    import robustft.methods.weight_mixup.hypergrad as wm
 
-    model, method, b_tr, b_val = hyper_setup("adam", arch=arch, dtype=torch.float32)
+    model, stage, b_tr, b_val = hyper_setup("adam", arch=arch, dtype=torch.float32)
     model.config._attn_implementation = attn
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.1
-    v = [torch.randn_like(p) for p in method._inner_list]
+    v = [torch.randn_like(p) for p in stage._inner_list]
 
     def fd(cls, seed):
         monkeypatch.setattr(wm, "SameDropout", cls)
         torch.manual_seed(seed)
-        out = method.finite_difference(model, b_tr, v, 1e-3)
+        out = stage.finite_difference(model, b_tr, v, 1e-3)
         return out, torch.get_rng_state()
 
     CountingSameDropout.replayed = 0
@@ -316,19 +325,19 @@ class Recorder:
 
 def test_alpha_stays_in_unit_interval(tokenizer):
     model = tiny_model(dropout=0.1)
-    method = WeightMixup(folds=1, stage1={"epochs": 2, "batch_size": 4}, outer={"lr": 0.5, "warmup_ratio": 0.0})
+    method = weight_mixup(folds=1, stage1={"epochs": 2, "batch_size": 4}, outer={"lr": 0.5, "warmup_ratio": 0.0})
     c = ctx()
     c.tokenizer = tokenizer
     method.setup(model, c)
     seen = []
-    step = method.outer_step
+    step = method.bilevel.outer_step
 
     def checked(*args, **kwargs):
         out = step(*args, **kwargs)
         seen.append([(float(a.detach().min()), float(a.detach().max())) for a in method.alphas()])
         return out
 
-    method.outer_step = checked
+    method.bilevel.outer_step = checked
     rec = Recorder()
     method.before_training(model, tiny_train(20), rec.handle())
     assert len(seen) == 8  # 2 epochs x ceil(16 / 4)
@@ -341,14 +350,15 @@ def test_alpha_stays_in_unit_interval(tokenizer):
 @pytest.mark.parametrize("average_weights", [True, False])
 def test_folds_reset_and_average(tokenizer, average_weights):
     model = tiny_model(dropout=0.1)
-    method = WeightMixup(folds=3, average_weights=average_weights, stage1={"epochs": 1, "batch_size": 4},
-                         inner={"lr": 1e-2, "warmup_ratio": 0.0}, outer={"lr": 0.05, "warmup_ratio": 0.0})
+    method = weight_mixup(folds=3, average_weights=average_weights, stage1={"epochs": 1, "batch_size": 4},
+                          inner={"lr": 1e-2, "warmup_ratio": 0.0}, outer={"lr": 0.05, "warmup_ratio": 0.0})
     c = ctx()
     c.tokenizer = tokenizer
     method.setup(model, c)
+    stage = method.bilevel
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".a1", ".a2"))}
     starts, ends, sums = [], [], []
-    start, end = method.start_fold, method.end_fold
+    start, end = stage.start_fold, stage.end_fold
 
     def start_fold(m, fold):
         start(m, fold)
@@ -359,15 +369,15 @@ def test_folds_reset_and_average(tokenizer, average_weights):
             mod.clamp_()
         ends.append({n: p.detach().clone() for n, p in m.named_parameters()})
         end(m)
-        sums.append(method.sums.path)
+        sums.append(stage.sums.path)
 
-    method.start_fold, method.end_fold = start_fold, end_fold
+    stage.start_fold, stage.end_fold = start_fold, end_fold
     rec = Recorder()
-    parked = method._initial.path  # the pretrained non-mixed parameters wait on disk during stage 1
+    parked = stage._initial.path  # the pretrained non-mixed parameters wait on disk during stage 1
     assert parked.is_file()
     method.before_training(model, tiny_train(20), rec.handle())
-    assert not parked.exists() and method._initial is None
-    assert len(set(sums)) == 1 and not sums[0].exists() and method.sums is None  # the fold sums, on disk too
+    assert not parked.exists() and stage._initial is None
+    assert len(set(sums)) == 1 and not sums[0].exists() and stage.sums is None  # the fold sums, on disk too
     assert len(starts) == len(ends) == 3 and rec.saves == 3  # after folds 1 and 2, and at the end
     for s in starts:  # every fold starts from the pretrained state with a fresh alpha ~ N(1, 0.005) in [0, 1]
         assert all(torch.equal(s[n], pretrained[n]) for n in pretrained)
@@ -438,18 +448,18 @@ def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_
 
     # preempted inside stage 1 (fold 2, after the save at outer step 6), resumed: the same run
     monkeypatch.setattr(WeightMixup, "before_training", original)
-    step = WeightMixup.outer_step
+    step = BiLevelStage.outer_step
 
     def interrupting(self, *args, **kwargs):
         if self.outer_steps == 7:
             raise Interrupted("test: preempted in stage 1")
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(WeightMixup, "outer_step", interrupting)
+    monkeypatch.setattr(BiLevelStage, "outer_step", interrupting)
     with pytest.raises(Interrupted):
         fit(make_cfg([*over, "trainer.save_every=3"]), RunDir(tmp_path / "cut"))
     assert ckpt.load_training_state(tmp_path / "cut" / "checkpoints" / "last")["method"]["fold_step"] == 2
-    monkeypatch.setattr(WeightMixup, "outer_step", step)
+    monkeypatch.setattr(BiLevelStage, "outer_step", step)
     resumed = fit(make_cfg([*over, "trainer.save_every=3"]), RunDir(tmp_path / "cut"))
     w_full = load_file(str(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors"))
     w_cut = load_file(str(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors"))
@@ -468,23 +478,35 @@ def test_config_composes_with_official_defaults():
     assert method.stage1["batch_size"] == 16
 
 
+def test_unknown_or_missing_options_are_user_errors():
+    yaml = {k: v for k, v in OmegaConf.load(YAML).items() if k != "_target_"}
+    assert WeightMixup(**yaml).inner["lr"] == 2e-5  # the YAML has every option
+    with pytest.raises(UserError, match=r"has unknown option\(s\) \['bogus'\]"):
+        WeightMixup(**yaml, bogus=1)
+    with pytest.raises(UserError, match=r"method.inner has unknown option\(s\) \['lrr'\]"):
+        WeightMixup(**{**yaml, "inner": {**yaml["inner"], "lrr": 1}})
+    with pytest.raises(UserError, match=r"method.fd lacks \['radius'\]"):
+        WeightMixup(**{**yaml, "fd": {"precondition": "adam"}})
+
+
 def test_stage1_batches_cover_the_fold_each_epoch():
-    method = WeightMixup(folds=2, stage1={"batch_size": 4})
-    method.ctx = ctx(seed=3)
-    tr, val = method.fold_split(23, 0)
+    method = weight_mixup(folds=2, stage1={"batch_size": 4})
+    method.setup(tiny_model(), ctx(seed=3))
+    stage = method.bilevel
+    tr, val = stage.fold_split(23, 0)
     assert len(tr) == 18 and len(val) == 5 and not set(tr) & set(val)
-    tr1, _ = method.fold_split(23, 1)
+    tr1, _ = stage.fold_split(23, 1)
     assert not (tr1 == tr).all()
-    per_epoch = [method.batch_rows(tr, s, 0, 0) for s in range(5)]
+    per_epoch = [stage.batch_rows(tr, s, 0, 0) for s in range(5)]
     assert sorted(i for b in per_epoch for i in b) == sorted(tr.tolist())
-    assert method.steps_per_fold(18) == 15  # 3 epochs x ceil(18 / 4)
-    # length-grouped (the default once run_stage1 knows the lengths): still each row once per epoch,
+    assert stage.steps_per_fold(18) == 15  # 3 epochs x ceil(18 / 4)
+    # length-grouped (the default once `run` knows the lengths): still each row once per epoch,
     # and batches hold rows of similar length
-    method._lengths = [i % 7 + 3 * (i % 2) for i in range(23)]
-    grouped = [method.batch_rows(tr, s, 0, 0) for s in range(5)]
+    stage._lengths = [i % 7 + 3 * (i % 2) for i in range(23)]
+    grouped = [stage.batch_rows(tr, s, 0, 0) for s in range(5)]
     assert sorted(i for b in grouped for i in b) == sorted(tr.tolist())
-    spread = sum(max(method._lengths[i] for i in b) * len(b) for b in grouped)
-    assert spread <= sum(max(method._lengths[i] for i in b) * len(b) for b in per_epoch)
+    spread = sum(max(stage._lengths[i] for i in b) * len(b) for b in grouped)
+    assert spread <= sum(max(stage._lengths[i] for i in b) * len(b) for b in per_epoch)
     assert grouped != per_epoch
 
 

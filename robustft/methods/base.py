@@ -17,7 +17,7 @@ The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,13 @@ def no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name
 
 
+def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: `weight_decay` for the weights, none where `no_decay` says so."""
+    named = list(named_params)
+    return [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": float(weight_decay)},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+
+
 def adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel on CUDA and CPU (torch >= 2.4).
 
@@ -120,11 +127,7 @@ class Method:
 
     def configure_optimizer(self, model: nn.Module, trainer: DictConfig) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": float(trainer.weight_decay)},
-            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
-        ]
-        return adamw(groups, float(trainer.lr), next(model.parameters()).device)
+        return adamw(decay_groups(named, trainer.weight_decay), float(trainer.lr), next(model.parameters()).device)
 
     def before_training(self, model: nn.Module, train: Dataset, loop: LoopHandle) -> None:
         """A stage of the method's own before the loop's first step (weight_mixup's bi-level stage 1).
