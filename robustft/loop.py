@@ -29,6 +29,7 @@ from robustft.predict import evaluate
 from robustft.progress import Progress as Bar
 from robustft.rundir import RunDir
 from robustft.runtime import autocast, to_device
+from robustft.stages import ModelStage
 
 log = logging.getLogger("robustft")
 
@@ -61,7 +62,7 @@ class Loop:
 
     def __init__(self, cfg: DictConfig, run: RunDir, model, method: Method, tokenizer, train: Dataset,
                  evals: dict[str, Dataset], device: torch.device, amp: torch.dtype | None, metric_name: str,
-                 eval_split: str = "validation") -> None:
+                 eval_split: str = "validation", model_stages: list[ModelStage] | None = None) -> None:
         self.cfg, self.tcfg, self.task, self.seed = cfg, cfg.trainer, cfg.task, int(cfg.seed)
         self.run_dir, self.model, self.method, self.tokenizer = run, model, method, tokenizer
         self.train, self.evals, self.device, self.amp = train, evals, device, amp
@@ -79,6 +80,7 @@ class Loop:
         self.state = LoopState()
         self.best_state: dict[str, torch.Tensor] | None = None  # best weights when checkpoints are off
         self.dynamics = TrainingDynamics() if self.tcfg.get("record_dynamics") else None
+        self.model_stages = list(model_stages or [])
 
     # --- resume and save -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -108,6 +110,20 @@ class Loop:
                  "method": self.method.state_dict(), "rng": ckpt.rng_state(), "progress": asdict(self.state),
                  "dynamics": self.dynamics.state_dict() if self.dynamics is not None else {}}
         self.run_dir.save_checkpoint("last", self.model, self.tokenizer, state)
+
+    def run_model_stage(self, stage: ModelStage) -> None:
+        """Run a stage on the model before the first step, its status recorded in run_info.json stages."""
+        handle = LoopHandle(log=self.run_dir.log, save=self.save_last, amp=self.amp)
+        self.run_dir.stage_status(stage.name, "running")
+        try:
+            stage.run(self.model, self.train, handle)
+        except Interrupted:
+            self.run_dir.stage_status(stage.name, "interrupted")
+            raise
+        except BaseException:
+            self.run_dir.stage_status(stage.name, "failed")
+            raise
+        self.run_dir.stage_status(stage.name, "completed")
 
     # --- one optimizer step ----------------------------------------------------------------------
     def step(self, group: list[list[int]]) -> tuple[dict[str, float], torch.Tensor]:
@@ -180,9 +196,8 @@ class Loop:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.resume()
-        # A method's own stage before the first step (weight_mixup's stage 1), resumable through save_last.
-        handle = LoopHandle(log=self.run_dir.log, save=self.save_last, amp=self.amp)
-        self.method.before_training(self.model, self.train, handle)
+        for stage in self.model_stages:  # e.g. weight_mixup's stage 1; resumable through save_last
+            self.run_model_stage(stage)
         s, tcfg, stop, batches = self.state, self.tcfg, False, None
         bar = Bar(total=self.total, enabled=sys.stdout.isatty(), desc=f"{self.method.name} {self.task.name}")
         bar.update(s.step)

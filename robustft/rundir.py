@@ -172,6 +172,12 @@ class RunDir:
             write_json(path, obj)
         return path
 
+    def stage_status(self, name: str, status: str, **fields: Any) -> None:
+        """run_info.json stages.<name>: a stage's status (and fields) inside this run."""
+        stages = dict(self.info.get("stages") or {})
+        stages[name] = {**stages.get(name, {}), "status": status, **fields}
+        self.update(stages=stages)
+
     def link_stage(self, name: str, target: Path) -> Path:
         """stages/<name> -> the stage's own run directory (a symlink; a pointer file where links fail)."""
         folder = self.path / "stages"

@@ -33,7 +33,7 @@ from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.rundir import RunDir, lifecycle
 from robustft.runtime import autocast_dtype, select_device
-from robustft.stages import RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
+from robustft.stages import ModelStage, RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
 from robustft.stress import apply_stress
 
 log = logging.getLogger("robustft")
@@ -127,7 +127,8 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
 
 def train(cfg: DictConfig, run: RunDir, s: Setup) -> dict[str, float]:
     """The method's stages, its training data, the loop; train/ and cost/ metrics."""
-    stages = [run_stage(stage, cfg, run, s.data["train"]) for stage in s.method.stages()]
+    declared = s.method.stages()
+    stages = [run_stage(st, cfg, run, s.data["train"]) for st in declared if isinstance(st, RunStage)]
     for result in stages:
         s.method.stage_done(result)
     train_raw = s.method.train_data(s.data["train"], s.ctx)
@@ -137,7 +138,7 @@ def train(cfg: DictConfig, run: RunDir, s: Setup) -> dict[str, float]:
     train_ds = tokenize(train_raw, s.tokenizer, cfg.task, int(cfg.trainer.max_length))
     run.update(n_train=len(train_ds), n_eval={k: len(d) for k, d in s.evals.items()})
     loop = Loop(cfg, run, s.model, s.method, s.tokenizer, train_ds, s.evals, s.device, s.amp, s.metric_name,
-                s.eval_split)
+                s.eval_split, model_stages=[st for st in declared if isinstance(st, ModelStage)])
     final: dict[str, float] = loop.run()
     final.update(s.method.metrics(final))  # e.g. ftft: selection sizes; weight_mixup: stage-1 cost
     final.update(stage_costs(stages, final))

@@ -6,8 +6,9 @@ interrupted), caches and reuses it when it is cacheable, links it from the main 
 `stages/<name>`, records it in run_info.json `stages.<name>` and adds its cost to `cost/<name>_*` and
 `cost/total_*`. The method gets back only the stage's artifacts (`StageResult`: its folder and metrics).
 
-Today: the reference run of FTFT and dataset cartography (a vanilla run of a reference model with
-training dynamics). This module holds the declarations, the composition of a stage's config from the
+Two kinds: a `RunStage` is a run of its own (the reference run of FTFT and dataset cartography: a vanilla
+run of a reference model with training dynamics); a `ModelStage` works on the main model inside the main
+run before its loop (weight mixup's bi-level stage 1), recorded in run_info.json the same way. This module holds the declarations, the composition of a stage's config from the
 config groups (Hydra's compose API) and the cache key; it imports nothing that trains.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ class RunStage:
     product: str | None = None
     cache_dir: str | None = None
     reuse: bool = True
+
+
+@dataclass
+class ModelStage:
+    """A stage on the main model inside the main run, before its loop (weight mixup's bi-level stage 1).
+
+    `run(model, train, loop)` gets the tokenized training set and a `LoopHandle` (log a row, save
+    checkpoints/last, the autocast dtype); it does what is left of it after a resume: its progress is
+    method state, saved with checkpoints/last. The loop runs it after restoring that state and records
+    its status in run_info.json `stages.<name>`; its compute is the method's to report (`metrics`).
+    """
+
+    name: str
+    run: Callable[[Any, Any, Any], None]
 
 
 @dataclass

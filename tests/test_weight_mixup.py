@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -339,7 +340,7 @@ def test_alpha_stays_in_unit_interval(tokenizer):
 
     method.bilevel.outer_step = checked
     rec = Recorder()
-    method.before_training(model, tiny_train(20), rec.handle())
+    method.run_stage1(model, tiny_train(20), rec.handle())
     assert len(seen) == 8  # 2 epochs x ceil(16 / 4)
     assert all(0.0 <= lo and hi <= 1.0 for step_ in seen for lo, hi in step_)
     assert any(lo < 0.9 for step_ in seen for lo, _ in step_)  # alpha did move (lr 0.5)
@@ -375,7 +376,7 @@ def test_folds_reset_and_average(tokenizer, average_weights):
     rec = Recorder()
     parked = stage._initial.path  # the pretrained non-mixed parameters wait on disk during stage 1
     assert parked.is_file()
-    method.before_training(model, tiny_train(20), rec.handle())
+    method.run_stage1(model, tiny_train(20), rec.handle())
     assert not parked.exists() and stage._initial is None
     assert len(set(sums)) == 1 and not sums[0].exists() and stage.sums is None  # the fold sums, on disk too
     assert len(starts) == len(ends) == 3 and rec.saves == 3  # after folds 1 and 2, and at the end
@@ -406,15 +407,15 @@ WM = ["method=weight_mixup", "method.folds=2", "method.stage1.epochs=1", "method
 @needs_data()
 def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_overrides, monkeypatch, caplog):
     snap: dict[str, dict[str, torch.Tensor]] = {}
-    original = WeightMixup.before_training
+    original = WeightMixup.run_stage1
 
-    def before_training(self, model, train, loop):
+    def run_stage1(self, model, train, loop):
         original(self, model, train, loop)
         if not snap:
             snap.update({n: {"weight": m.weight.detach().clone(), "a1": m.a1.detach().clone(),
                              "a2": m.a2.detach().clone(), "weight0": m.weight0.clone()} for n, m in self.mixed.items()})
 
-    monkeypatch.setattr(WeightMixup, "before_training", before_training)
+    monkeypatch.setattr(WeightMixup, "run_stage1", run_stage1)
     over = [*tiny_overrides, *WM]
     with caplog.at_level(logging.INFO, logger="robustft"):
         full = fit(make_cfg(over), RunDir(tmp_path / "full"))
@@ -445,9 +446,11 @@ def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_
             assert metrics["loss"] == pytest.approx(full["validation/loss"], rel=1e-6)
     rows = (tmp_path / "full" / "metrics.jsonl").read_text()
     assert '"split": "stage1"' in rows
+    info = json.loads((tmp_path / "full" / "run_info.json").read_text())
+    assert info["stages"]["bilevel"]["status"] == "completed"  # stage 1 is a stage the run records
 
     # preempted inside stage 1 (fold 2, after the save at outer step 6), resumed: the same run
-    monkeypatch.setattr(WeightMixup, "before_training", original)
+    monkeypatch.setattr(WeightMixup, "run_stage1", original)
     step = BiLevelStage.outer_step
 
     def interrupting(self, *args, **kwargs):

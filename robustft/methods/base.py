@@ -2,12 +2,13 @@
 
 The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
   setup(model, ctx)            -> model      wrap/modify the model (e.g. add layers)
-  stages()                     -> [RunStage] runs needed before the main training (FTFT's reference run);
-  stage_done(result)                         the runner runs each and hands back its StageResult
+  stages()                     -> [stage]    what must run before the main training: a RunStage (FTFT's
+  stage_done(result)                         reference run; the runner runs it and hands back its StageResult)
+                                             or a ModelStage (weight mixup's stage 1, run by the loop on the
+                                             model after a resume restored state, before the first step)
   train_data(train, ctx)       -> Dataset    change the training data (selection, stresses)
   files() / run_info()         -> dict       records the runner writes into the run directory / run_info.json
   configure_optimizer(model)   -> optimizer
-  before_training(model, train, loop)        once, after a resume restored state, before the first step
   per batch: training_step(model, batch) -> StepOutput   (the loop calls loss.backward())
   per optimizer step: optimizer_step(optimizer, model) -> logs (after clipping, before scheduler)
   predict(model, batch)        -> logits     evaluation forward
@@ -27,7 +28,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
 
-from robustft.stages import RunStage, StageResult
+from robustft.stages import ModelStage, RunStage, StageResult
 
 
 @dataclass
@@ -50,7 +51,7 @@ class StepOutput:
 
 @dataclass
 class LoopHandle:
-    """What `Method.before_training` may use of the loop."""
+    """What a `ModelStage` may use of the loop."""
 
     log: Callable[[dict[str, Any]], None]  # append a metrics.jsonl row
     save: Callable[[], None]  # write checkpoints/last (method state, RNG, progress); a resume continues from it
@@ -104,8 +105,8 @@ class Method:
         self.ctx = ctx
         return model
 
-    def stages(self) -> list[RunStage]:
-        """Runs this method needs before its main training; the runner runs them (robustft/stages.py)."""
+    def stages(self) -> list[RunStage | ModelStage]:
+        """What this method needs before its main training (robustft/stages.py); the runner runs it."""
         return []
 
     def stage_done(self, result: StageResult) -> None:
@@ -128,13 +129,6 @@ class Method:
     def configure_optimizer(self, model: nn.Module, trainer: DictConfig) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return adamw(decay_groups(named, trainer.weight_decay), float(trainer.lr), next(model.parameters()).device)
-
-    def before_training(self, model: nn.Module, train: Dataset, loop: LoopHandle) -> None:
-        """A stage of the method's own before the loop's first step (weight_mixup's bi-level stage 1).
-
-        `train` is the tokenized training set. Called on every start, also when resuming: the method's
-        state tells it what is left to do. Its cost is the method's to report (see `metrics`).
-        """
 
     # --- per-step hooks -----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -57,6 +57,7 @@ from robustft.errors import UserError
 from robustft.methods.base import Method, StepOutput, TrainContext, task_loss
 from robustft.methods.stats import LogWindow
 from robustft.methods.vanilla import Vanilla
+from robustft.stages import ModelStage, RunStage, StageResult
 
 VARIANTS = ("first", "second", "ensemble")
 
@@ -197,10 +198,17 @@ class Rose(Method):
     def train_data(self, train: Dataset, ctx: TrainContext) -> Dataset:
         return self.inner.train_data(train, ctx)
 
-    def before_training(self, *args: Any, **kwargs: Any) -> None:
-        hook = getattr(self.inner, "before_training", None)  # e.g. a method's own stage before the loop
-        if hook is not None:
-            hook(*args, **kwargs)
+    def stages(self) -> list[RunStage | ModelStage]:
+        return self.inner.stages()  # e.g. a method's reference run or its own stage before the loop
+
+    def stage_done(self, result: StageResult) -> None:
+        self.inner.stage_done(result)
+
+    def files(self) -> dict[str, Any]:
+        return self.inner.files()
+
+    def run_info(self) -> dict[str, Any]:
+        return self.inner.run_info()
 
     def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
         hook = getattr(self.inner, "metrics", None)

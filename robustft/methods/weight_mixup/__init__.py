@@ -9,7 +9,7 @@ alpha_bar = (1 - a1)(1 - a2)^T (official `blo.py`, `complement=code`) or 1 - alp
 Data: `train_size` N subsamples the training set (stratified for classification, seeded exactly like
 `stress=low_resource` with n=N, so both pick the same examples); stage 1 and stage 2 both use these N.
 
-Stage 1 (bi-level, `bilevel.BiLevelStage`, run from `before_training`, before the runner's loop): over
+Stage 1 (bi-level, `bilevel.BiLevelStage`, declared as the `ModelStage` "bilevel": the loop runs it before its first step): over
 `folds` random 80/20 splits of the N examples, W on D_tr (inner level) and alpha on D_val (outer level),
 one inner step per outer step, with Betty's DARTS-style finite-difference hypergradient (`hypergrad`);
 then W and alpha are set to their fold averages.

@@ -28,6 +28,7 @@ from robustft.methods.weight_mixup.mixed import (
     wrap_model,
 )
 from robustft.models import count_params
+from robustft.stages import ModelStage
 from robustft.stress import low_resource_rows
 
 log = logging.getLogger("robustft")
@@ -124,7 +125,10 @@ class WeightMixup(Method):
         return adamw(decay_groups(self.inner_params(model), wd), float(lr), next(model.parameters()).device)
 
     # --- stage 1 ----------------------------------------------------------------------------------
-    def before_training(self, model: nn.Module, train: Dataset, loop: LoopHandle) -> None:
+    def stages(self) -> list[ModelStage]:
+        return [ModelStage("bilevel", self.run_stage1)]
+
+    def run_stage1(self, model: nn.Module, train: Dataset, loop: LoopHandle) -> None:
         """Stage 1 (what a resumed run has left of it), then alpha frozen for stage 2 (W0 is a buffer)."""
         self.bilevel.run(model, train, loop)
         for a in self.alphas():
