@@ -14,13 +14,14 @@ from robustft.errors import UserError
 from robustft.loop import train_loop
 from robustft.methods.base import Method, TrainContext
 from robustft.metrics import main_metric
-from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
+from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer, no_checkpoint_error
 from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.robustness.ood import dev_split
 from robustft.rundir import RunDir
 from robustft.runtime import autocast_dtype, select_device
 from robustft.stress import apply_stress
+from robustft.validate import validate
 
 log = logging.getLogger("robustft")
 
@@ -38,6 +39,7 @@ def check_max_length(tokenizer, task: DictConfig, max_length: int, model) -> Non
 
 def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     """Train per `cfg`, evaluate the best checkpoint on every eval split, return flat metrics."""
+    validate(cfg)  # the CLI pre-flight ran it too; here for in-process callers and each sweep job
     tcfg = cfg.trainer
     set_seed(int(cfg.seed))
     device = select_device(str(tcfg.device))
@@ -104,4 +106,4 @@ def resolve_ckpt_path(path: str | None) -> str | None:
     for candidate in (p, p / "checkpoints" / "best", p / "checkpoints" / "last"):
         if checkpoint_dir_ok(candidate):
             return str(candidate)
-    raise UserError(f"ckpt_path={path} holds no checkpoint (config.json + *.safetensors); pass a run dir or checkpoint folder")
+    raise no_checkpoint_error(path)
