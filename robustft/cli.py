@@ -37,6 +37,10 @@ if not OmegaConf.has_resolver("rft_subdir"):
     OmegaConf.register_new_resolver("rft_subdir", _sweep_subdir)
 
 
+# One-line errors of the jobs of an in-process sweep (basic launcher) that failed while the others ran on.
+FAILED_JOBS: list[str] = []
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"robustft: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -53,16 +57,19 @@ def _type_of_default(default: Any, value: Any) -> str | None:
     return None
 
 
-def preflight(overrides: list[str]) -> None:
-    """Compose the config once per swept value so unknown options, groups and wrong types fail fast.
+def preflight(overrides: list[str], multirun: bool | None = None) -> None:
+    """Compose the config once per swept value so unknown options, groups, wrong types and bad values
+    (robustft.validate) fail fast, then check that the run (or sweep) directory can be written.
 
     Hydra's own messages are several lines long and arrive after a sweep has started; this gives one
-    line with the fix, and no run directory is created.
+    line with the fix, and no run directory is created. `multirun` None: whether the command line has -m.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException, MissingConfigException
+
+    from robustft.validate import validate
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
@@ -117,18 +124,53 @@ def preflight(overrides: list[str]) -> None:
                 expected = _type_of_default(default, OmegaConf.select(cfg, key, default=None))
                 if expected:
                     fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
+            try:
+                validate(cfg)
+            except UserError as e:
+                fail(str(e))
+        hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
+        if multirun is None:
+            multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+        check_output_dir(base + hydra_overrides, multirun)
+
+
+def check_output_dir(overrides: list[str], multirun: bool) -> None:
+    """One line when hydra.run.dir (hydra.sweep.dir with -m) is under a file, not writable, or on a full disk."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from robustft import rundir
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        path = OmegaConf.select(compose("config", overrides=overrides, return_hydra_config=True), key)
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return  # e.g. a dir built with ${hydra:...}: only a running Hydra can resolve it, and it will report
+    try:
+        rundir.check_output_dir(str(path), key)
+    except UserError as e:
+        fail(str(e))
 
 
 def run(cfg: DictConfig) -> dict[str, float] | None:
-    """One job: the run directory's status from start to finish (`runner.lifecycle`), errors as one line."""
+    """One job: the run directory's status from start to finish (`rundir.lifecycle`), errors as one line."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from robustft.errors import Interrupted
-    from robustft.rundir import RunDir, lifecycle
+    from robustft.rundir import RunDir, lifecycle, write_error
     from robustft.runner import fit
 
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN  # a sweep ignores hydra.run.dir: its jobs live under hydra.sweep.dir
+    dir_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    try:
+        run_dir = RunDir(hydra_cfg.runtime.output_dir)
+    except OSError as e:
+        if write_error(e, dir_key) is None:
+            raise
+        return job_failed(write_error(e, dir_key), None)  # no run_info to record it in
     if run_dir.info.get("status") == "completed" and cfg.resume == "auto":
         log.info("run in %s already completed; nothing to do", run_dir.path)
         return None
@@ -140,19 +182,44 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             signal.signal(signal.SIGTERM, on_term)
     try:
-        with lifecycle(run_dir, cfg):
+        with lifecycle(run_dir, cfg):  # run_info status: completed | failed | interrupted
             metrics = fit(cfg, run_dir)
     except UserError as e:
-        fail(str(e))
+        return job_failed(str(e), run_dir)
     except Interrupted as e:
-        hydra_cfg = HydraConfig.get()  # a sweep ignores hydra.run.dir: its job dirs live under hydra.sweep.dir
-        where = (f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()}" if hydra_cfg.mode == RunMode.MULTIRUN
-                 else f"hydra.run.dir={run_dir.path}")
+        where = f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()}" if sweep else f"hydra.run.dir={run_dir.path}"
         fail(f"{e}; rerun the same command with {where} to resume", code=3)
+    except OSError as e:  # a full disk or a folder turned read-only mid-run: name the path, not a traceback
+        message = write_error(e, dir_key, run_dir.path)
+        if message is None:
+            raise
+        return job_failed(message, run_dir)
     main_key = run_dir.info.get("main_metric")
     if main_key in metrics:
         log.info("done: %s = %.4f  (%s)", main_key, metrics[main_key], run_dir.path)
     return metrics
+
+
+def job_failed(message: str, run_dir: Any) -> None:
+    """Record a job's UserError and print its one line; exit 2, except in an in-process sweep.
+
+    Hydra's basic launcher runs a sweep's jobs one after another in this process: a SystemExit would end
+    the whole sweep, and any other exception becomes a traceback once the sweep ends. So there the job
+    returns, its run_info says `failed`, the other jobs run, and main() exits 2 at the end.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if run_dir is not None:
+        with contextlib.suppress(OSError):  # a full disk may refuse this write too
+            run_dir.finish("failed", message)
+    hydra_cfg = HydraConfig.get()
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    if hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith(".BasicLauncher"):
+        print(f"robustft: error: {message}", file=sys.stderr)
+        FAILED_JOBS.append(message)
+        return None
+    fail(message)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -181,7 +248,10 @@ def main() -> None:
     if not any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args):
         preflight([a for a in args if not a.startswith("-")])
     quiet_libraries()
+    FAILED_JOBS.clear()
     _hydra_main()
+    if FAILED_JOBS:  # an in-process sweep ran on past them; each printed its line (and its run_info says failed)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def read_glue_tsv(path: Path, spec: Mapping[str, Any], task: DictConfig) -> dict
     """
     if not path.is_file():
         raise UserError(f"missing data file {path}; check data_dir (expected the layout of shared/data/MANIFEST.md)")
+    try:
+        return _read_rows(path, spec, task)
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
+                        "save it as UTF-8 tab-separated text, or check data_dir points at the GLUE files") from None
+    except csv.Error as e:  # e.g. NUL bytes
+        raise UserError(f"{path} is not a tab-separated text file ({e}); fix the file or check data_dir") from None
+
+
+def _read_rows(path: Path, spec: Mapping[str, Any], task: DictConfig) -> dict[str, list]:
     out: dict[str, list] = {"idx": [], **{name: [] for name in spec["columns"]}}
     parse_label, regression = label_parser(task), bool(task.is_regression)
     with open(path, encoding="utf-8-sig", newline="") as f:

@@ -24,7 +24,7 @@ from robustft.data import collate, epoch_batches
 from robustft.dynamics import TrainingDynamics
 from robustft.errors import Interrupted, UserError
 from robustft.methods.base import LoopHandle, Method
-from robustft.models import count_params
+from robustft.models import check_safetensors_files, count_params
 from robustft.predict import evaluate
 from robustft.progress import Progress as Bar
 from robustft.rundir import RunDir
@@ -88,6 +88,7 @@ class Loop:
         last = self.run_dir.last_checkpoint() if self.cfg.resume == "auto" else None
         if last is None:
             return
+        check_safetensors_files(last)  # a damaged checkpoint is one line naming the file, not a traceback
         state = ckpt.load_training_state(last)
         self.model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -43,6 +44,15 @@ def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = 
     `random_init=true` builds the architecture from its config with fresh weights (tests).
     `arch: glove_bow` builds the GloVe bag-of-words classifier of robustft/glove.py instead.
     """
+    if ckpt_path:
+        check_safetensors_files(Path(ckpt_path))
+    model = _load_model(model_cfg, task, ckpt_path)
+    if ckpt_path:
+        check_finite(model, Path(ckpt_path))
+    return model
+
+
+def _load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None) -> PreTrainedModel:
     if model_cfg.get("arch") == "glove_bow":
         from robustft.glove import load_glove_model
 
@@ -59,7 +69,10 @@ def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = 
             f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder"
         ) from None
     kwargs = {"attn_implementation": model_cfg.get("attn_implementation") or "sdpa"}
-    if model_cfg.get("random_init") and not ckpt_path:
+    if ckpt_path:
+        # use_safetensors: never fall back to pickle weights (checkpoint_dir_ok already requires safetensors)
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config, use_safetensors=True, **kwargs)
+    elif model_cfg.get("random_init"):
         model = AutoModelForSequenceClassification.from_config(config, **kwargs)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
@@ -74,6 +87,59 @@ def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
     return total
 
 
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Weight files that torch.load would unpickle: loading one can run arbitrary code, so they are never read.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
 def checkpoint_dir_ok(path: str | Path) -> bool:
+    """A loadable checkpoint folder: config.json plus the model's safetensors weights (one file or an index).
+
+    Any other `*.safetensors` (e.g. training_state.safetensors beside a pickle pytorch_model.bin) does not count.
+    """
     p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+    return (p / "config.json").is_file() and ((p / WEIGHTS).is_file() or (p / WEIGHTS_INDEX).is_file())
+
+
+def no_checkpoint_error(path: str | Path) -> UserError:
+    """Why `ckpt_path=path` is not a checkpoint, with the fix (pickle-only folders get their own reason)."""
+    p = Path(path)
+    if p.is_dir():
+        pickles = sorted(f.name for pattern in PICKLE_PATTERNS for f in p.glob(pattern))
+        if pickles and not (p / WEIGHTS).is_file() and not (p / WEIGHTS_INDEX).is_file():
+            return UserError(f"ckpt_path={path} has only pickle weights ({', '.join(pickles)}), which robustft does not "
+                             f"load (unpickling can run code); convert them to {WEIGHTS} (save_pretrained(..., "
+                             "safe_serialization=True)) or pass a robustft run dir")
+    return UserError(f"ckpt_path={path} holds no checkpoint (config.json + {WEIGHTS}); pass a run dir or checkpoint folder")
+
+
+def check_safetensors_files(ckpt: Path) -> None:
+    """Read the header of every weight file, so a corrupt or truncated one is named in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    files = [ckpt / WEIGHTS]
+    if not files[0].is_file() and (ckpt / WEIGHTS_INDEX).is_file():
+        try:
+            weight_map = json.loads((ckpt / WEIGHTS_INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{ckpt / WEIGHTS_INDEX} is not a safetensors index ({e}); re-save the checkpoint") from None
+        files = [ckpt / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"checkpoint file {file} is missing; re-save the checkpoint or pass another ckpt_path")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"checkpoint file {file} is corrupt or truncated ({reason}); "
+                            "re-save or re-copy it, or pass another ckpt_path") from None
+
+
+def check_finite(model: torch.nn.Module, ckpt: Path) -> None:
+    """A NaN/inf weight (flipped bytes, a diverged run) would evaluate or train to garbage without an error."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise UserError(f"checkpoint {ckpt}: {name} holds NaN or inf values (a corrupt file or a diverged run); "
+                            "pass another ckpt_path")

@@ -9,6 +9,7 @@ Every file is written atomically (temp file + rename), so a killed run never lea
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -24,6 +25,57 @@ from typing import Any
 from robustft.errors import Interrupted, UserError
 
 PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-core", "safetensors", "numpy"]
+MIN_FREE_BYTES = 16 << 20  # below this a run cannot write even its config and first log lines: "disk full"
+# OSErrors that mean "this place cannot be written" (the user's fix), as opposed to a bug
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
+def write_error(e: OSError, key: str, run_path: Path | None = None) -> str | None:
+    """One line for an OSError writing the run (full disk, read-only, a file in the way), else None.
+
+    `key` names the setting that moves the output, e.g. hydra.run.dir (hydra.sweep.dir in a sweep). A
+    permission error on a file outside `run_path` (a data file, a cache) is not the run dir's fault:
+    that line names the file without suggesting to move the run.
+    """
+    if e.errno not in WRITE_ERRNOS:
+        return None
+    where, reason = e.filename or run_path or "the run directory", e.strerror or os.strerror(e.errno)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {where} ({reason}); free disk space or set {key} to another disk"
+    inside = e.filename is None or run_path is None or Path(os.path.abspath(e.filename)).is_relative_to(
+        Path(run_path).absolute())
+    if not inside:
+        return f"cannot access {where} ({reason}); fix its permissions, or point the setting that names it elsewhere"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot write {where} ({reason}); remove the file in the way or set {key} to another folder"
+    return f"cannot write {where} ({reason}); set {key} to a writable folder"
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """Fail before Hydra creates `path` when it cannot be created or written, or its disk is full.
+
+    Hydra makes the folder and writes .hydra/ and the log before robustft's code runs, so these would
+    otherwise be tracebacks. Probes with a temporary file (os.access is true for root on a read-only tree).
+    """
+    import shutil
+    import tempfile
+
+    from robustft.errors import UserError
+
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create {target}: {existing} is a file, not a folder; remove it or set {key} elsewhere")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        e.filename = e.filename or str(existing)
+        raise UserError(write_error(e, key) or f"cannot write {existing} ({e}); set {key} to a writable folder") from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"cannot write {target}: the disk holding {existing} is full ({free >> 10} KiB free); "
+                        f"free disk space or set {key} to another disk")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -27,7 +27,7 @@ from robustft.errors import UserError
 from robustft.loop import Loop
 from robustft.methods.base import Method, TrainContext
 from robustft.metrics import main_metric
-from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
+from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer, no_checkpoint_error
 from robustft.ood_sets import dev_split
 from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
@@ -35,6 +35,7 @@ from robustft.rundir import RunDir, lifecycle
 from robustft.runtime import autocast_dtype, select_device
 from robustft.stages import ModelStage, RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
 from robustft.stress import apply_stress
+from robustft.validate import validate
 
 log = logging.getLogger("robustft")
 
@@ -75,6 +76,7 @@ def build_method(cfg: DictConfig) -> Method:
 
 def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     """Device, data (+ stresses), evaluators (checked before any training), model, method, eval splits."""
+    validate(cfg)  # the CLI pre-flight ran it too; here for in-process callers and each sweep job
     tcfg, task = cfg.trainer, cfg.task
     set_seed(int(cfg.seed))
     device = select_device(str(tcfg.device))
@@ -220,4 +222,4 @@ def resolve_ckpt_path(path: str | None) -> str | None:
     for candidate in (p, p / "checkpoints" / "best", p / "checkpoints" / "last"):
         if checkpoint_dir_ok(candidate):
             return str(candidate)
-    raise UserError(f"ckpt_path={path} holds no checkpoint (config.json + *.safetensors); pass a run dir or checkpoint folder")
+    raise no_checkpoint_error(path)
