@@ -172,11 +172,7 @@ def apply_stress(data: DatasetDict, cfg: DictConfig) -> tuple[DatasetDict, dict[
         if regression:
             raise UserError(f"stress.imbalance needs a classification task; {task.name} is regression")
         ratio = parse_ratio(imb["ratio"])
-        if imb.get("minority") is not None:
-            minority = class_ids(imb["minority"], names, "stress.imbalance.minority")
-        else:
-            present, counts = np.unique(labels, return_counts=True)
-            minority = [int(present[np.argmin(counts)])]  # the smallest class (lowest id on ties)
+        minority = minority_classes(imb, labels, names)
         keep = imbalance(labels, ratio, minority, np.random.default_rng([seed, _STAGES["imbalance"]]))
         train, labels = train.select(keep), labels[keep]
         report["imbalance"] = {"ratio": f"{ratio.numerator}:{ratio.denominator}",
@@ -196,25 +192,7 @@ def apply_stress(data: DatasetDict, cfg: DictConfig) -> tuple[DatasetDict, dict[
             raise UserError(f"stress.label_noise needs a classification task; {task.name} is regression")
         rng = np.random.default_rng([seed, _STAGES["label_noise"]])
         mode = str(noise.get("mode", "uniform"))
-        if mode == "uniform":
-            rate = float(noise.get("rate") or 0.0)
-            if not 0 <= rate <= 1:
-                raise UserError(f"stress.label_noise.rate={rate} must be in [0, 1]")
-            transitions = uniform_transitions(labels, len(names), rate, rng)
-        elif mode == "class_conditional":
-            raw = noise.get("transitions")
-            if not raw:
-                raise UserError("stress.label_noise.mode=class_conditional needs transitions, e.g. "
-                                "'stress.label_noise.transitions={positive: {negative: 0.3}}'")
-            transitions = {}
-            for src, row in raw.items():
-                (s_id,) = class_ids(src, names, "stress.label_noise.transitions")
-                transitions[s_id] = {class_ids(d, names, "stress.label_noise.transitions")[0]: float(r)
-                                     for d, r in row.items()}
-                if s_id in transitions[s_id]:
-                    raise UserError(f"stress.label_noise.transitions maps {src} to itself; list other classes only")
-        else:
-            raise UserError(f"stress.label_noise.mode={mode}; use uniform or class_conditional")
+        transitions = noise_transitions(noise, mode, labels, names, rng)
         noisy, flips = label_noise(labels, len(names), transitions, rng)
         train = train.add_column("clean_label", labels.tolist()) if "clean_label" not in train.column_names else train
         train = train.remove_columns("label").add_column("label", noisy.tolist())
@@ -227,6 +205,37 @@ def apply_stress(data: DatasetDict, cfg: DictConfig) -> tuple[DatasetDict, dict[
     out = DatasetDict(dict(data))
     out["train"] = train
     return out, report
+
+
+def minority_classes(imb: dict[str, Any], labels: np.ndarray, names: list[str]) -> list[int]:
+    """`stress.imbalance.minority` as class ids; by default the smallest class (lowest id on ties)."""
+    if imb.get("minority") is not None:
+        return class_ids(imb["minority"], names, "stress.imbalance.minority")
+    present, counts = np.unique(labels, return_counts=True)
+    return [int(present[np.argmin(counts)])]
+
+
+def noise_transitions(noise: dict[str, Any], mode: str, labels: np.ndarray, names: list[str],
+                      rng: np.random.Generator) -> dict[int, dict[int, float]]:
+    """The (from -> to) flip rates of `stress.label_noise`: uniform over the other classes, or as given."""
+    if mode == "uniform":
+        rate = float(noise.get("rate") or 0.0)
+        if not 0 <= rate <= 1:
+            raise UserError(f"stress.label_noise.rate={rate} must be in [0, 1]")
+        return uniform_transitions(labels, len(names), rate, rng)
+    if mode != "class_conditional":
+        raise UserError(f"stress.label_noise.mode={mode}; use uniform or class_conditional")
+    raw = noise.get("transitions")
+    if not raw:
+        raise UserError("stress.label_noise.mode=class_conditional needs transitions, e.g. "
+                        "'stress.label_noise.transitions={positive: {negative: 0.3}}'")
+    transitions: dict[int, dict[int, float]] = {}
+    for src, row in raw.items():
+        (s_id,) = class_ids(src, names, "stress.label_noise.transitions")
+        transitions[s_id] = {class_ids(d, names, "stress.label_noise.transitions")[0]: float(r) for d, r in row.items()}
+        if s_id in transitions[s_id]:
+            raise UserError(f"stress.label_noise.transitions maps {src} to itself; list other classes only")
+    return transitions
 
 
 def _counts(labels: np.ndarray, names: list[str], task: DictConfig) -> dict[str, int]:
