@@ -101,8 +101,8 @@ def train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datase
 
     # A method's own stage before the first step (weight_mixup's stage 1), resumable through save_last.
     method.before_training(model, train, LoopHandle(log=run.log, save=save_last, amp=amp))
-    bar = Bar(total=total, enabled=sys.stdout.isatty(), desc=f"{method.name} {task.name}")
-    bar.update(p.step)
+    bar = Bar(total=total, enabled=sys.stdout.isatty(), desc=f"{method.name} {task.name}", completed=p.step,
+              examples=p.examples, train_s=p.train_time_s)
     window_loss, window_n, stop, batches = 0.0, 0, False, None
     model.train()
     while p.step < total and not stop:
@@ -135,7 +135,7 @@ def train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datase
             dynamics.write_epoch(p.epoch)
         if epoch_end:
             p.epoch, p.batch_in_epoch, batches = p.epoch + 1, 0, None
-        bar.update(1)
+        bar.update(1, examples=p.examples, train_s=p.train_time_s, loss=window_loss / window_n)
 
         if p.step % int(tcfg.log_every) == 0 or p.step == total:
             row = {"step": p.step, "epoch": p.epoch, "split": "train", "loss": window_loss / window_n,
@@ -143,7 +143,7 @@ def train_loop(cfg, run: RunDir, model, method: Method, tokenizer, train: Datase
                    "examples_per_s": p.examples / p.train_time_s, **logs}
             run.log(row)
             if not bar.enabled:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s", p.step, total, row["loss"], row["lr"], row["examples_per_s"])
+                log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s", p.step, total, row["loss"], row["lr"], bar.window_rate())
             window_loss, window_n = 0.0, 0
         by_epoch = str(tcfg.eval_every) == "epoch"
         if (by_epoch and epoch_end) or (not by_epoch and p.step % eval_every == 0) or p.step == total:
