@@ -143,7 +143,7 @@ def test_bars_closed_stops_a_live_bar_and_restores_logging(monkeypatch):
 @needs_data()
 def test_sigterm_stops_the_bar_before_the_message(tmp_path, tiny_overrides):
     """On a terminal: the bar is drawn, SIGTERM arrives, the bar is stopped and the cursor shown, then one line."""
-    args = [*tiny_overrides, "task.max_train_samples=4000", "trainer.epochs=50", "trainer.save_every=100000",
+    args = [*tiny_overrides, "trainer.epochs=10000", "trainer.save_every=100000",  # 80,000 steps: never ends
             "trainer.eval_every=100000", f"data_dir={DATA_DIR}", f"hydra.run.dir={tmp_path / 'run'}"]
     leader, follower = pty.openpty()
     proc = subprocess.Popen([ROBUSTFT, *args], stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path,
@@ -174,7 +174,7 @@ def test_sigterm_stops_the_bar_before_the_message(tmp_path, tiny_overrides):
     assert text.rfind("\x1b[?25h", 0, message) > text.rfind("\x1b[?25l", 0, message) >= 0  # cursor back first
     before = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text[:message])  # without colour and cursor codes
     last = before.rstrip("\r\n").rsplit("\r", 1)[-1]  # what the terminal shows on the line above the message
-    assert before.endswith("\r\n") and re.search(r"\d+/25000 loss \d\.\d{4} [\d.]+ ex/s .* eta ", last), last
+    assert before.endswith("\r\n") and re.search(r"\d+/80000 loss \d\.\d{4} [\d.]+ ex/s .* eta ", last), last
     assert "ex/s" not in text[message:]  # the message on a line of its own, and no bar redrawn after it
 
 
