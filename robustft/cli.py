@@ -159,6 +159,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.types import RunMode
 
     from robustft.errors import Interrupted
+    from robustft.progress import bars_closed
     from robustft.rundir import RunDir, lifecycle, write_error
     from robustft.runner import fit
 
@@ -173,6 +174,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         return job_failed(write_error(e, dir_key), None)  # no run_info to record it in
     if run_dir.info.get("status") == "completed" and cfg.resume == "auto":
         log.info("run in %s already completed; nothing to do", run_dir.path)
+        print_summary(run_dir, cfg)
         return None
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -181,8 +183,11 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     if "SUBMITIT_EXECUTOR" not in os.environ:  # under submitit, its own handlers checkpoint and requeue
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             signal.signal(signal.SIGTERM, on_term)
+    log.info("run directory: %s", run_dir.path.resolve())
     try:
-        with lifecycle(run_dir, cfg):  # run_info status: completed | failed | interrupted
+        # run_info status: completed | failed | interrupted; a bar still drawn is stopped (cursor back)
+        # before any message below
+        with bars_closed(), lifecycle(run_dir, cfg):
             metrics = fit(cfg, run_dir)
     except UserError as e:
         return job_failed(str(e), run_dir)
@@ -197,6 +202,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     main_key = run_dir.info.get("main_metric")
     if main_key in metrics:
         log.info("done: %s = %.4f  (%s)", main_key, metrics[main_key], run_dir.path)
+    print_summary(run_dir, cfg)
     return metrics
 
 
@@ -222,9 +228,59 @@ def job_failed(message: str, run_dir: Any) -> None:
     fail(message)
 
 
+def headline_rows(metrics: dict[str, Any], main_key: str | None, evaluators: list[str]) -> list[tuple[str, str, str]]:
+    """(what, metrics.json key, n) of the main metric and each evaluator's headline metric.
+
+    Headlines by what an evaluator reports, so a new evaluator needs no entry here: an attack's accuracy
+    under attack, else a pooled `accuracy` (AdvGLUE), else every `<set>_accuracy` (OOD sets).
+    """
+    rows = []
+    if main_key in metrics:
+        split, _, name = main_key.partition("/")
+        rows.append((f"clean {split} {name}" if split == "validation" else f"{split} {name}", main_key, ""))
+    for ev in evaluators:
+        keys = [k for k in metrics if k.startswith(f"{ev}/")]
+        if f"{ev}/acc_under_attack" in metrics:  # its clean accuracy too: the attacked examples are a sample
+            rows += [(f"{ev}: clean accuracy", f"{ev}/clean_acc", f"{ev}/n")] if f"{ev}/clean_acc" in metrics else []
+            rows.append((f"{ev}: accuracy under attack", f"{ev}/acc_under_attack", f"{ev}/n"))
+        elif f"{ev}/accuracy" in metrics:
+            rows.append((f"{ev} accuracy", f"{ev}/accuracy", f"{ev}/n"))
+        else:
+            rows += [(f"{ev} {k[len(ev) + 1:-9]} accuracy", k, k[:-9] + "_n") for k in sorted(keys) if k.endswith("_accuracy")]
+    return rows
+
+
+def print_summary(run_dir: Any, cfg: DictConfig) -> None:
+    """A small table after a run: the main metric, each evaluator's headline metric, and where the run is."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    path = run_dir.path / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    section = cfg.get("robustness") or {}
+    evaluators = [str(section[key].get("name", key)) for key in section]
+    n_eval = run_dir.info.get("n_eval") or {}
+    table = Table(title=f"summary: {cfg.task.name}, {cfg.method.name}, {cfg.model.name}, seed {cfg.seed}",
+                  title_justify="left")
+    for col, justify in (("metric", "left"), ("value", "right"), ("n", "right"), ("metrics.json key", "left")):
+        table.add_column(col, justify=justify)
+    for what, key, n_key in headline_rows(metrics, run_dir.info.get("main_metric"), evaluators):
+        n = metrics.get(n_key) if n_key else n_eval.get(key.partition("/")[0])
+        value = metrics[key]
+        table.add_row(what, f"{value:.4f}" if isinstance(value, (int, float)) else str(value),
+                      f"{int(n):,}" if isinstance(n, (int, float)) and n == n else "", key)
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log file: no wrapped rows
+    console.print(table)
+    console.print(f"run directory: {run_dir.path.resolve()}", highlight=False, soft_wrap=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> Any:
-    quiet_libraries()  # again here: submitit jobs (SLURM, submitit_local) unpickle this function, not main()
+    # Here, not in main(): submitit jobs (SLURM, submitit_local) unpickle this function, and --help and the
+    # pre-flight never get here, so they answer without importing torch/transformers/datasets.
+    quiet_libraries()
     return run(cfg)
 
 
@@ -247,7 +303,6 @@ def main() -> None:
             "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun")
     if not any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args):
         preflight([a for a in args if not a.startswith("-")])
-    quiet_libraries()
     FAILED_JOBS.clear()
     _hydra_main()
     if FAILED_JOBS:  # an in-process sweep ran on past them; each printed its line (and its run_info says failed)

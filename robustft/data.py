@@ -118,7 +118,18 @@ def _read_rows(path: Path, spec: Mapping[str, Any], task: DictConfig) -> dict[st
     return out
 
 
-def _load_local(task: DictConfig, data_dir: Path) -> DatasetDict:
+def shuffled_head(columns: dict[str, list], n: int, seed: int) -> dict[str, list]:
+    """The rows `Dataset.from_dict(columns).shuffle(seed=seed).select(range(n))` holds, in its order.
+
+    datasets' shuffle draws `np.random.default_rng(seed).permutation(len)`; drawing it here picks the
+    same rows without building an Arrow table (and an indices mapping) of every row first.
+    """
+    rows = np.random.default_rng(seed).permutation(len(columns["idx"]))[:n]
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
+
+
+def _load_local(task: DictConfig, data_dir: Path, train_cap: int = 0, seed: int = 0) -> DatasetDict:
+    """Every local split of the task; `train_cap` > 0 keeps only the seeded sample of train a run uses."""
     splits = {}
     for split, spec in task.local.items():
         spec = OmegaConf.to_container(spec)
@@ -126,7 +137,10 @@ def _load_local(task: DictConfig, data_dir: Path) -> DatasetDict:
         if split == "train" and not path.is_file():
             # Train files that the bundle lacks (MNLI, QNLI, QQP) are only an error when training.
             continue
-        splits[split] = Dataset.from_dict(read_glue_tsv(path, spec, task))
+        columns = read_glue_tsv(path, spec, task)
+        if split == "train" and train_cap:
+            columns = shuffled_head(columns, train_cap, seed)
+        splits[split] = Dataset.from_dict(columns)
     return DatasetDict(splits)
 
 
@@ -158,7 +172,10 @@ def _load_hub(task: DictConfig) -> DatasetDict:
 def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: bool = True) -> DatasetDict:
     """Load a task's splits, carve a seeded dev split if needed, and apply the sample caps."""
     root = resolve_data_dir(data_dir)
-    ds = _load_local(task, root) if root is not None else _load_hub(task)
+    # With a dev file, cap train while reading it (the same rows and order as the shuffle-and-select
+    # below); without one, the dev split is carved out of the full train first.
+    early_cap = int(task.max_train_samples or 0) if root is not None and "validation" in task.local else 0
+    ds = _load_local(task, root, early_cap, seed) if root is not None else _load_hub(task)
     if need_train and "train" not in ds:
         where = f"{root}/{task.local.train.file}" if root is not None else f"{task.hub.path}"
         raise UserError(
@@ -171,7 +188,7 @@ def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: boo
         size = float(task.dev_size) if float(task.dev_size) < 1 else int(task.dev_size)
         parts = ds["train"].train_test_split(test_size=size, seed=seed, shuffle=True)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
-    if task.max_train_samples and "train" in ds:
+    if task.max_train_samples and "train" in ds and not early_cap:
         n = min(int(task.max_train_samples), len(ds["train"]))
         ds["train"] = ds["train"].shuffle(seed=seed).select(range(n))
     if task.max_eval_samples:

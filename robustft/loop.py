@@ -161,7 +161,7 @@ class Loop:
         self.run_dir.log(row)
         if not bar.enabled:
             log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s", s.step, self.total, row["loss"], row["lr"],
-                     row["examples_per_s"])
+                     bar.window_rate())  # the current rate, not the run's average
         s.window_loss, s.window_n = 0.0, 0
 
     # --- evaluation and the best checkpoint --------------------------------------------------------
@@ -200,8 +200,8 @@ class Loop:
         for stage in self.model_stages:  # e.g. weight_mixup's stage 1; resumable through save_last
             self.run_model_stage(stage)
         s, tcfg, stop, batches = self.state, self.tcfg, False, None
-        bar = Bar(total=self.total, enabled=sys.stdout.isatty(), desc=f"{self.method.name} {self.task.name}")
-        bar.update(s.step)
+        bar = Bar(total=self.total, enabled=sys.stdout.isatty(), desc=f"{self.method.name} {self.task.name}",
+                  completed=s.step, examples=s.examples, train_s=s.train_time_s)
         self.model.train()
         while s.step < self.total and not stop:
             if batches is None:  # the epoch's order is a pure function of (seed, epoch)
@@ -217,7 +217,7 @@ class Loop:
                 self.run_dir.write_dynamics(s.epoch, self.dynamics.epoch_rows(s.epoch))
             if epoch_end:
                 s.epoch, s.batch_in_epoch, batches = s.epoch + 1, 0, None
-            bar.update(1)
+            bar.update(1, examples=s.examples, train_s=s.train_time_s, loss=s.window_loss / s.window_n)
             if s.step % int(tcfg.log_every) == 0 or s.step == self.total:
                 self.log_train(logs, grad_norm, bar)
             stop = self.maybe_evaluate_and_save(epoch_end)

@@ -28,6 +28,9 @@ reported. Ratios are robustft's median over each Trainer arm's median, all from 
 Evaluation examples/s (robustft's ``evaluate`` on the validation split, length-sorted batches of
 ``--eval-batch-size``) is measured in fp32 and in bf16 autocast, interleaved the same way.
 
+An arm the device cannot run (bf16 autocast on a CPU without AVX512-BF16 or AMX, e.g. AMD EPYC without
+AVX512) is skipped, and its table row says so (``skipped: bf16 not supported on this CPU``).
+
 Examples::
 
     python scripts/bench_train.py                      # sst2 + rte, fp32, ~10 min on 2 cores
@@ -255,21 +258,39 @@ class Bench:
 
     # --- evaluation -------------------------------------------------------------------------------
     def eval_speed(self, precision: str, ds=None) -> float:
-        import torch
-
         from robustft.methods.vanilla import Vanilla
         from robustft.models import load_model
         from robustft.predict import evaluate
         from robustft.runtime import autocast_dtype
 
-        device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+        device = bench_device()
         amp = autocast_dtype(device, precision)
-        if precision == "bf16" and amp is None:
-            raise RuntimeError("bf16 autocast is not supported on this device")
+        if precision == "bf16" and amp is None:  # callers skip such arms (unsupported()); never time fp32 as bf16
+            raise RuntimeError(unsupported(precision))
         model = self._eval_model = getattr(self, "_eval_model", None) or load_model(self.cfg.model, self.cfg.task).to(device)
         metrics, _ = evaluate(model, Vanilla(), ds if ds is not None else self.validation, self.tokenizer,
                               self.cfg.task, self.args.eval_batch_size, device, amp)
         return float(metrics["examples_per_s"])
+
+
+def bench_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unsupported(precision: str) -> str | None:
+    """Why this device cannot run `precision` (an arm to skip, with the reason in the table), else None.
+
+    bf16 autocast needs CUDA with bf16 or a CPU with AVX512-BF16/AMX (robustft.runtime.autocast_dtype);
+    e.g. AMD EPYC CPUs without AVX512 have neither, and an arm there would raise or silently run fp32.
+    """
+    from robustft.runtime import autocast_dtype
+
+    device = bench_device()
+    if precision == "bf16" and autocast_dtype(device, "bf16") is None:
+        return f"bf16 not supported on this {'GPU' if device.type == 'cuda' else 'CPU'}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,8 +307,28 @@ def bench_task(task: str, args: argparse.Namespace, precision: str, say) -> dict
     b = Bench(task, n, args, precision)
     say(f"[bold]{task}[/]: {b.n_train} train examples (mean {b.mean_len:.1f} tokens, {b.truncated:.0%} truncated at "
         f"{args.max_length}), {b.steps} steps of {b.bs}, {precision}; eval on {len(b.validation)} validation examples")
-    res: dict[str, Any] = {"n_train": b.n_train, "steps": b.steps, "mean_tokens": b.mean_len, "runs": {a: [] for a in args.arms}}
+    res: dict[str, Any] = {"n_train": b.n_train, "steps": b.steps, "mean_tokens": b.mean_len}
     t_task = time.perf_counter()
+    reason = unsupported(precision)
+    if reason:  # every training arm runs in `precision`: none can run here
+        res.update(runs={}, median={}, skipped={a: reason for a in args.arms})
+        say(f"  training arms skipped: {reason}", style="yellow")
+    else:
+        res.update(bench_training(b, args, say))
+    res["train_bench_s"] = time.perf_counter() - t_task
+    if not args.skip_eval:
+        t0 = time.perf_counter()
+        res["eval"] = bench_eval(b, args)
+        res["eval_bench_s"] = time.perf_counter() - t0
+        say("  eval: " + ", ".join(f"{p} {v:.1f} ex/s" for p, v in res["eval"]["median"].items())
+            + "".join(f", {p} skipped ({why})" for p, why in res["eval"]["skipped"].items())
+            + f" ({res['eval_bench_s']:.1f}s)", style="dim")
+    return res
+
+
+def bench_training(b: Bench, args: argparse.Namespace, say) -> dict[str, Any]:
+    """Warm up every training arm, time them interleaved; medians, tokens per example and robustft's ratios."""
+    res: dict[str, Any] = {"runs": {a: [] for a in args.arms}, "skipped": {}}
     for arm in args.arms:  # warm-up: first-call costs (oneDNN primitives, lazy imports, allocator) stay out
         t0 = time.perf_counter()
         b.run(arm, max(1, min(args.warmup_steps, b.steps)))
@@ -307,24 +348,24 @@ def bench_task(task: str, args: argparse.Namespace, precision: str, say) -> dict
             res["ratios"][arm] = res["median"]["robustft"] / res["median"][arm]
             res["paired_ratios"][arm] = [x["examples_per_s"] / y["examples_per_s"]
                                          for x, y in zip(res["runs"]["robustft"], res["runs"][arm])]
-    res["train_bench_s"] = time.perf_counter() - t_task
-
-    if not args.skip_eval:
-        t0 = time.perf_counter()
-        precisions = ["fp32", "bf16"]
-        warm = b.validation.select(range(min(len(b.validation), args.eval_batch_size)))
-        for prec in precisions:
-            b.eval_speed(prec, warm)
-        evals: dict[str, list[float]] = {p: [] for p in precisions}
-        for _, prec in interleaved(precisions, max(2, args.eval_repeats)):
-            evals[prec].append(b.eval_speed(prec))
-        res["eval"] = {"n": len(b.validation), "batch_size": args.eval_batch_size, "runs": evals,
-                       "median": {p: statistics.median(v) for p, v in evals.items()}}
-        res["eval"]["bf16_over_fp32"] = res["eval"]["median"]["bf16"] / res["eval"]["median"]["fp32"]
-        res["eval_bench_s"] = time.perf_counter() - t0
-        say(f"  eval: fp32 {res['eval']['median']['fp32']:.1f} ex/s, bf16 {res['eval']['median']['bf16']:.1f} ex/s "
-            f"({res['eval_bench_s']:.1f}s)", style="dim")
     return res
+
+
+def bench_eval(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluation examples/s in fp32 and bf16 autocast, interleaved; a precision the device lacks is skipped."""
+    skipped = {p: why for p in ("fp32", "bf16") if (why := unsupported(p))}
+    precisions = [p for p in ("fp32", "bf16") if p not in skipped]
+    warm = b.validation.select(range(min(len(b.validation), args.eval_batch_size)))
+    for prec in precisions:
+        b.eval_speed(prec, warm)
+    evals: dict[str, list[float]] = {p: [] for p in precisions}
+    for _, prec in interleaved(precisions, max(2, args.eval_repeats)):
+        evals[prec].append(b.eval_speed(prec))
+    out: dict[str, Any] = {"n": len(b.validation), "batch_size": args.eval_batch_size, "runs": evals,
+                           "median": {p: statistics.median(v) for p, v in evals.items()}, "skipped": skipped}
+    if not skipped:
+        out["bf16_over_fp32"] = out["median"]["bf16"] / out["median"]["fp32"]
+    return out
 
 
 def robustft_optimizer(cfg) -> str:
@@ -381,6 +422,8 @@ def report(results: dict[str, Any], console) -> None:
                       f"{res['real_tokens_per_example'][arm]:.1f}",
                       "" if ratio is None else f"{ratio:.2f}x",
                       "" if ratio is None else " ".join(f"{x:.2f}" for x in res["paired_ratios"][arm]), verdict)
+        for arm, why in res.get("skipped", {}).items():
+            t.add_row(task, arm, f"[yellow]skipped: {why}[/]", *[""] * 7)
         t.add_section()
     console.print(t)
     if any("eval" in r for r in results["tasks"].values()):
@@ -391,9 +434,11 @@ def report(results: dict[str, Any], console) -> None:
             if "eval" not in res:
                 continue
             ev = res["eval"]
-            e.add_row(task, str(ev["n"]), str(ev["batch_size"]), f"{ev['median']['fp32']:.1f}", f"{ev['median']['bf16']:.1f}",
-                      f"{ev['bf16_over_fp32']:.2f}x",
-                      " ".join(f"{x:.0f}" for x in ev["runs"]["fp32"]) + " | " + " ".join(f"{x:.0f}" for x in ev["runs"]["bf16"]))
+            cells = {p: f"{ev['median'][p]:.1f}" if p in ev["median"] else f"[yellow]skipped: {ev['skipped'][p]}[/]"
+                     for p in ("fp32", "bf16")}
+            ratio = f"{ev['bf16_over_fp32']:.2f}x" if "bf16_over_fp32" in ev else ""
+            e.add_row(task, str(ev["n"]), str(ev["batch_size"]), cells["fp32"], cells["bf16"], ratio,
+                      " | ".join(" ".join(f"{x:.0f}" for x in ev["runs"][p]) for p in ev["runs"]))
         console.print(e)
     console.print(f"[dim]torch {env['torch']}, transformers {env['transformers']}, {env['cores']} cores, "
                   f"{env['torch_threads']} torch threads, avx512_bf16={env['avx512_bf16']}, amx={env['amx_tile']}; "
@@ -420,12 +465,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def say(msg: str, style: str | None = None) -> None:
         console.print(msg, style=style, highlight=False)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if autocast_dtype(device, "auto") is not None else "fp32"
-    if precision == "bf16" and autocast_dtype(device, "bf16") is None:
-        raise SystemExit("bench_train: --precision bf16 is not supported on this device; use fp32")
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {
