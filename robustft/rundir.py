@@ -1,4 +1,4 @@
-"""The run directory: run_info.json (status, provenance, timings), metrics.json, metrics.jsonl.
+"""The run directory: run_info.json (status, provenance, timings), metrics.json, metrics.jsonl, splits.json.
 
 Every file is written atomically (temp file + rename), so a killed run never leaves half a JSON.
 """
@@ -14,7 +14,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from robustft.data import DevCarve
 
 PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-core", "safetensors", "numpy"]
 
@@ -104,3 +107,29 @@ class RunDir:
         current = json.loads(path.read_text()) if path.is_file() else {}
         current.update(metrics)
         write_json(path, current)
+
+    def write_dev_split(self, task: str, carve: DevCarve) -> None:
+        """splits.json holds the carved dev ids (local SNLI: 9,842); run_info.json only their count and hash."""
+        record = {"task": task, **carve.summary()}
+        write_json(self.path / "splits.json", {"validation": {**record, "carved_from": "train", "idx": carve.ids}})
+        self.update(dev_split={**record, "file": "splits.json"})
+
+
+def trained_split(ckpt_path: str | Path, task: str) -> tuple[int | None, dict[str, Any] | None]:
+    """(split seed, dev_split record) of the run that trained the checkpoint at `ckpt_path`, if known.
+
+    `ckpt_path` is a run dir or its checkpoints/<name>. A run from before task.split_seed carved with its
+    run seed, so that seed is its split seed. (None, None) for another task's run or a bare checkpoint.
+    """
+    path = Path(ckpt_path)
+    for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
+        if (run / "run_info.json").is_file():
+            info = json.loads((run / "run_info.json").read_text())
+            if info.get("task") not in (None, task):
+                return None, None
+            split = info.get("dev_split")
+            if split is not None and split.get("task") == task:
+                return int(split["split_seed"]), split
+            seed = info.get("split_seed", info.get("seed"))
+            return (None if seed is None else int(seed)), None
+    return None, None

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from robustft.data import load_task, tokenize
@@ -18,7 +18,7 @@ from robustft.models import checkpoint_dir_ok, count_params, load_model, load_to
 from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.robustness.ood import dev_split
-from robustft.rundir import RunDir
+from robustft.rundir import RunDir, trained_split
 from robustft.runtime import autocast_dtype, select_device
 from robustft.stress import apply_stress
 
@@ -48,7 +48,12 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     if not cfg.train and init_from is None:
         raise UserError("train=false needs a model to evaluate; set ckpt_path=<run dir or checkpoint folder>")
     tokenizer = load_tokenizer(cfg.model, init_from)
+    recorded = reuse_trained_split(cfg, init_from)
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
+    run.update(split_seed=task.get("split_seed"))
+    if data.carved is not None:  # the dev split came out of train: record it, and check it is the trained run's
+        data.carved.check(recorded, f"ckpt_path={cfg.ckpt_path}")
+        run.write_dev_split(str(task.name), data.carved)
     data = apply_stress(data, cfg, run)  # training-time stresses (train split only, recorded in run_info)
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
@@ -94,6 +99,23 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         run.write_metrics(robust)
         final.update(robust)
     return final
+
+
+def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
+    """train=false: carve the dev split the evaluated model was trained beside (its run's split seed).
+
+    Sets cfg.task.split_seed, which evaluators reloading the data (attacks) also read; returns the run's
+    dev_split record (count + sha256 of the ids) for the check after the carve, or None.
+    """
+    if cfg.train or init_from is None:
+        return None
+    split_seed, recorded = trained_split(init_from, str(cfg.task.name))
+    if split_seed is not None and split_seed != cfg.task.get("split_seed"):
+        log.info("task.split_seed=%s -> %s, the split seed of the run that trained %s", cfg.task.get("split_seed"),
+                 split_seed, init_from)
+        with open_dict(cfg.task):
+            cfg.task.split_seed = split_seed
+    return recorded
 
 
 def resolve_ckpt_path(path: str | None) -> str | None:
