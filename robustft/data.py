@@ -8,8 +8,10 @@ GLUE/HF order, or a float for regression).
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +171,63 @@ def _load_hub(task: DictConfig) -> DatasetDict:
     return DatasetDict(splits)
 
 
-def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: bool = True) -> DatasetDict:
-    """Load a task's splits, carve a seeded dev split if needed, and apply the sample caps."""
+@dataclass(frozen=True)
+class DevCarve:
+    """A dev split carved out of train: its seed and the sorted `idx` of all its examples (before max_eval_samples)."""
+
+    split_seed: int
+    ids: list[int]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the comma-joined sorted ids: run_info.json keeps this, splits.json the list itself."""
+        return hashlib.sha256(",".join(map(str, self.ids)).encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        return {"split_seed": self.split_seed, "n": len(self.ids), "sha256": self.sha256}
+
+    def check(self, recorded: Mapping[str, Any] | None, where: str) -> None:
+        """Fail if this carve is not the split a trained run recorded (the data or task.dev_size changed)."""
+        if recorded is None or (recorded["n"], recorded["sha256"]) == (len(self.ids), self.sha256):
+            return
+        raise UserError(
+            f"{where}: the dev split carved now (task.split_seed={self.split_seed}, {len(self.ids)} examples, "
+            f"sha256 {self.sha256[:12]}) is not the one that run recorded ({recorded['n']} examples, sha256 "
+            f"{recorded['sha256'][:12]}), so it may hold training examples; evaluate with the data and "
+            "task.dev_size the model was trained with"
+        )
+
+
+class TaskData(DatasetDict):
+    """load_task's splits; `carved` is the dev split it carved out of train (None when the task has a dev file)."""
+
+    carved: DevCarve | None = None
+
+
+def carve_dev(train: Dataset, task: DictConfig) -> tuple[Dataset, Dataset, DevCarve]:
+    """Split `task.dev_size` examples off train with `task.split_seed`, never the run seed.
+
+    With the run seed, each seed of a sweep was scored on a different dev set, and a train=false evaluation
+    without the training seed carved a "dev" set holding training examples.
+    """
+    if not task.get("dev_size"):
+        raise UserError(f"task {task.name} has no validation split; set task.dev_size to carve one out of train")
+    if task.get("split_seed") is None:
+        raise UserError(f"task {task.name} carves its dev split out of train but has no task.split_seed; "
+                        "add split_seed: 42 beside dev_size in its task YAML")
+    size = float(task.dev_size) if float(task.dev_size) < 1 else int(task.dev_size)
+    parts = train.train_test_split(test_size=size, seed=int(task.split_seed), shuffle=True)
+    carve = DevCarve(int(task.split_seed), sorted(int(i) for i in parts["test"]["idx"]))
+    return parts["train"], parts["test"], carve
+
+
+def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: bool = True) -> TaskData:
+    """Load a task's splits, carve a dev split (task.split_seed) if needed, and apply the sample caps."""
     root = resolve_data_dir(data_dir)
     # With a dev file, cap train while reading it (the same rows and order as the shuffle-and-select
     # below); without one, the dev split is carved out of the full train first.
     early_cap = int(task.max_train_samples or 0) if root is not None and "validation" in task.local else 0
-    ds = _load_local(task, root, early_cap, seed) if root is not None else _load_hub(task)
+    ds = TaskData(_load_local(task, root, early_cap, seed) if root is not None else _load_hub(task))
     if need_train and "train" not in ds:
         where = f"{root}/{task.local.train.file}" if root is not None else f"{task.hub.path}"
         raise UserError(
@@ -183,11 +235,8 @@ def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: boo
             "or evaluate only with train=false"
         )
     if "validation" not in ds and "train" in ds:
-        if not task.dev_size:
-            raise UserError(f"task {task.name} has no validation split; set task.dev_size to carve one out of train")
-        size = float(task.dev_size) if float(task.dev_size) < 1 else int(task.dev_size)
-        parts = ds["train"].train_test_split(test_size=size, seed=seed, shuffle=True)
-        ds["train"], ds["validation"] = parts["train"], parts["test"]
+        ds["train"], ds["validation"], ds.carved = carve_dev(ds["train"], task)
+    # The training subsample uses the run seed (seeds of a sweep see different slices), drawn after the carve.
     if task.max_train_samples and "train" in ds and not early_cap:
         n = min(int(task.max_train_samples), len(ds["train"]))
         ds["train"] = ds["train"].shuffle(seed=seed).select(range(n))

@@ -1,6 +1,6 @@
 """The run directory and its one writer: run_info.json (status, provenance, timings), metrics.json,
-metrics.jsonl, checkpoints/, training_dynamics/, eval/<evaluator>/samples.jsonl, stages/ and the records
-methods and stresses return (selection.json, ...).
+metrics.jsonl, checkpoints/, training_dynamics/, eval/<evaluator>/samples.jsonl, splits.json, stages/ and
+the records methods and stresses return (selection.json, ...).
 
 Only `RunDir` writes inside a run directory: the loop, methods, stresses and evaluators hand it data.
 Every file is written atomically (temp file + rename), so a killed run never leaves half a JSON.
@@ -20,7 +20,10 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from robustft.data import DevCarve
 
 from robustft.errors import Interrupted, UserError
 
@@ -243,6 +246,12 @@ class RunDir:
             link.write_text(str(Path(target).resolve()) + "\n")
         return link
 
+    def write_dev_split(self, task: str, carve: DevCarve) -> None:
+        """splits.json holds the carved dev ids (local SNLI: 9,842); run_info.json only their count and hash."""
+        record = {"task": task, **carve.summary()}
+        write_json(self.path / "splits.json", {"validation": {**record, "carved_from": "train", "idx": carve.ids}})
+        self.update(dev_split={**record, "file": "splits.json"})
+
 
 @contextlib.contextmanager
 def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator[None]:
@@ -264,3 +273,23 @@ def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator
         run.finish("failed", f"{type(e).__name__}: {e}")
         raise
     run.finish("completed")
+
+
+def trained_split(ckpt_path: str | Path, task: str) -> tuple[int | None, dict[str, Any] | None]:
+    """(split seed, dev_split record) of the run that trained the checkpoint at `ckpt_path`, if known.
+
+    `ckpt_path` is a run dir or its checkpoints/<name>. A run from before task.split_seed carved with its
+    run seed, so that seed is its split seed. (None, None) for another task's run or a bare checkpoint.
+    """
+    path = Path(ckpt_path)
+    for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
+        if (run / "run_info.json").is_file():
+            info = json.loads((run / "run_info.json").read_text())
+            if info.get("task") not in (None, task):
+                return None, None
+            split = info.get("dev_split")
+            if split is not None and split.get("task") == task:
+                return int(split["split_seed"]), split
+            seed = info.get("split_seed", info.get("seed"))
+            return (None if seed is None else int(seed)), None
+    return None, None

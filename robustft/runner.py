@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from robustft import checkpoint as ckpt
@@ -31,7 +31,7 @@ from robustft.models import checkpoint_dir_ok, count_params, load_model, load_to
 from robustft.ood_sets import dev_split
 from robustft.predict import Predictor, evaluate
 from robustft.robustness.base import build_evaluators, run_evaluators
-from robustft.rundir import RunDir, lifecycle
+from robustft.rundir import RunDir, lifecycle, trained_split
 from robustft.runtime import autocast_dtype, select_device
 from robustft.stages import ModelStage, RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
 from robustft.stress import apply_stress
@@ -67,6 +67,21 @@ def check_max_length(tokenizer, task: DictConfig, max_length: int, model) -> Non
         raise UserError(f"trainer.max_length={max_length} exceeds the model's {limit} positions; use trainer.max_length<={limit}")
 
 
+def load_data(cfg: DictConfig, run: RunDir, recorded: dict | None) -> DatasetDict:
+    """The task's splits; a dev split carved out of train is recorded (and checked against the trained
+    run's on train=false); training-time stresses (train split only) are applied and recorded."""
+    task = cfg.task
+    data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
+    run.update(split_seed=task.get("split_seed"))
+    if data.carved is not None:  # the dev split came out of train: record it, and check it is the trained run's
+        data.carved.check(recorded, f"ckpt_path={cfg.ckpt_path}")
+        run.write_dev_split(str(task.name), data.carved)
+    data, stress = apply_stress(data, cfg)
+    if stress is not None:
+        run.update(stress=stress)
+    return data
+
+
 def build_method(cfg: DictConfig) -> Method:
     method: Method = instantiate(cfg.method)
     if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
@@ -85,10 +100,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     if not cfg.train and init_from is None:
         raise UserError("train=false needs a model to evaluate; set ckpt_path=<run dir or checkpoint folder>")
     tokenizer = load_tokenizer(cfg.model, init_from)
-    data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
-    data, stress = apply_stress(data, cfg)  # training-time stresses (train split only)
-    if stress is not None:
-        run.update(stress=stress)
+    data = load_data(cfg, run, reuse_trained_split(cfg, init_from))
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
@@ -212,6 +224,23 @@ def _train_stage(stage: RunStage, stage_cfg: DictConfig, path: Path, source: dic
             fit(stage_cfg, stage_run)
     finally:
         ckpt.set_rng_state(state)
+
+
+def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
+    """train=false: carve the dev split the evaluated model was trained beside (its run's split seed).
+
+    Sets cfg.task.split_seed, which evaluators reloading the data (attacks) also read; returns the run's
+    dev_split record (count + sha256 of the ids) for the check after the carve, or None.
+    """
+    if cfg.train or init_from is None:
+        return None
+    split_seed, recorded = trained_split(init_from, str(cfg.task.name))
+    if split_seed is not None and split_seed != cfg.task.get("split_seed"):
+        log.info("task.split_seed=%s -> %s, the split seed of the run that trained %s", cfg.task.get("split_seed"),
+                 split_seed, init_from)
+        with open_dict(cfg.task):
+            cfg.task.split_seed = split_seed
+    return recorded
 
 
 def resolve_ckpt_path(path: str | None) -> str | None:

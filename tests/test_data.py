@@ -64,13 +64,14 @@ def test_mrpc_bom_header_and_quotes():
 
 
 @needs_data()
-def test_snli_seeded_dev_split_is_disjoint_and_reproducible():
+def test_snli_dev_split_follows_split_seed_not_run_seed():
     a = load_task(task_cfg("snli"), str(DATA_DIR), seed=1)
-    b = load_task(task_cfg("snli"), str(DATA_DIR), seed=1)
-    c = load_task(task_cfg("snli"), str(DATA_DIR), seed=2)
+    b = load_task(task_cfg("snli"), str(DATA_DIR), seed=2)
+    c = load_task(task_cfg("snli", split_seed=1), str(DATA_DIR), seed=1)
     assert len(a["validation"]) == 9842 and len(a["train"]) == 99890 - 9842
     assert a["validation"]["idx"] == b["validation"]["idx"]
     assert a["validation"]["idx"] != c["validation"]["idx"]
+    assert a.carved.ids == sorted(a["validation"]["idx"]) and a.carved.split_seed == 42
     assert not set(a["validation"]["idx"]) & set(a["train"]["idx"])
 
 
