@@ -78,8 +78,13 @@ class MergingPeftModel(PeftModel):
         return self.load_plain(state_dict, strict, assign)
 
     @torch.no_grad()
-    def load_plain(self, plain: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> _IncompatibleKeys:
-        """Become the plain model `plain`: its weights into the base layers and head, B = 0 (no update on top)."""
+    def load_plain(self, plain: Mapping[str, torch.Tensor], strict: bool = True,
+                   assign: bool = False) -> _IncompatibleKeys:
+        """Become the plain model `plain`: its weights into the base layers and head, B = 0 (no update on top).
+
+        This overwrites the targeted frozen W0 with merged weights: a resume then loads the method's state
+        (`Lora.load_state_dict`, which the loop calls after the model file) to put W0, A and B back.
+        """
         keys = {plain_name(k): k for k in self.state_dict()}
         keys.pop(None, None)
         missing = sorted(k for k in keys if k not in plain)
