@@ -44,6 +44,7 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "rose_second": (["method=rose", "method.variant=second"], 1.15),
     "rose_ensemble": (["method=rose", "method.variant=ensemble"], 3.3),
     "match_tuning+rose_ensemble": (["method=match_tuning", "selector=rose", "selector.variant=ensemble"], 3.3 * 1.05),
+    "lora": (["method=lora"], None),  # no bound: frozen weights skip their weight gradients and AdamW state
 }
 
 
