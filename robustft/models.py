@@ -80,7 +80,13 @@ def _load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None) 
 
 
 def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
-    """Parameter count; non_embedding drops input embeddings (the FLOPs estimate 6*N*tokens uses that)."""
+    """Parameter count; non_embedding drops input embeddings (the FLOPs estimate 6*N*tokens uses that).
+
+    A wrapped model (peft's LoRA) counts its underlying network, adapters included: 6N assumes a full
+    backward, so frozen weights are counted as if trained (the same convention for every method).
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     total = sum(p.numel() for p in model.parameters())
     if non_embedding and isinstance(model, PreTrainedModel):
         total -= sum(p.numel() for p in model.get_input_embeddings().parameters())
