@@ -320,13 +320,15 @@ def train_rows(run_dir) -> list[dict]:
 
 
 @needs_data()
-@pytest.mark.parametrize("name", METHODS)
-def test_composes_with_rose(name, tmp_path):
-    over = [*TINY, f"method={name}", "selector=rose", "selector.variant=second", "trainer.grad_accum=2"]
+@pytest.mark.parametrize(("name", "variant"), [*((n, "second") for n in METHODS), ("freelb", "first")])
+def test_composes_with_rose(name, variant, tmp_path):
+    """second: ROSE masks the method's own step; first/ensemble: ROSE's two dropout forwards replace the
+    method's loss (the perturbation is not used: only the method's forward, here the clean one)."""
+    over = [*TINY, f"method={name}", "selector=rose", f"selector.variant={variant}", "trainer.grad_accum=2"]
     result = fit(make_cfg(over), RunDir(tmp_path / name))
     assert result["train/steps"] == 2
     rows = train_rows(tmp_path / name)
-    assert all(LOGGED[name] in r and "rose/updated_frac" in r for r in rows)
+    assert all("rose/updated_frac" in r and (LOGGED[name] in r) == (variant == "second") for r in rows)
 
 
 @needs_data()
