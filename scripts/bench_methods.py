@@ -45,6 +45,10 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "rose_ensemble": (["method=rose", "method.variant=ensemble"], 3.3),
     "match_tuning+rose_ensemble": (["method=match_tuning", "selector=rose", "selector.variant=ensemble"], 3.3 * 1.05),
     "lora": (["method=lora"], None),  # no bound: frozen weights skip their weight gradients and AdamW state
+    "r3f": (["method=r3f"], 2.1),
+    "r4f": (["method=r4f"], 2.1),
+    "smart": (["method=smart"], 3.2),  # k=1
+    "freelb": (["method=freelb", "method.adv_steps=3"], 3.2),  # K=3 (the YAML's SST-2 default is 2)
 }
 
 
