@@ -203,7 +203,7 @@ class ChildTuning(Selector):
         buf = self._buffer
         buf.uniform_()  # global torch RNG (resume-exact); M = [u < p] ~ Bernoulli(p)
         buf.lt_(self.reserve_p)
-        self.density = buf.sum(dtype=torch.float64) / buf.numel()
+        self.density = buf.sum().double() / buf.numel()  # a float32 sum: a float64 one costs more than the draw
         buf.div_(self.reserve_p)  # official: grad *= mask / reserve_p
         return self._views
 
