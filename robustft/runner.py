@@ -166,8 +166,10 @@ def stage_costs(stages: list[StageResult], final: dict[str, float]) -> dict[str,
     if not stages:
         return {}
     out: dict[str, float] = {}
-    flops, wall = float(final.get("cost/train_flops", 0.0)), float(final.get("train/wall_s", 0.0))
-    out.update({"cost/main_flops": flops, "cost/main_wall_s": wall})
+    out.update({"cost/main_flops": float(final["cost/train_flops"]), "cost/main_wall_s": float(final["train/wall_s"])})
+    # on top of the method's own total (e.g. a selector's one-off pass), else the loop's
+    flops = float(final.get("cost/total_flops", final["cost/train_flops"]))
+    wall = float(final.get("cost/total_wall_s", final["train/wall_s"]))
     for st in stages:
         f, w = float(st.metrics.get("cost/train_flops", 0.0)), float(st.metrics.get("train/wall_s", 0.0))
         out.update({f"cost/{st.name}_flops": f, f"cost/{st.name}_tokens": float(st.metrics.get("cost/train_tokens", 0.0)),

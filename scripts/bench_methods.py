@@ -18,6 +18,9 @@ under their inherent cost of two forwards plus two backward sweeps, about 3.3x).
     python scripts/bench_methods.py                    # ~3 min on 2 free cores
     python scripts/bench_methods.py --repeats 5 --steps 5 --out bench_out/methods.json
 
+A method's one-off `ModelStage` (child_tuning D's Fisher pass) runs once on the bench batch when its arm
+is built; it is timed apart and printed after the table.
+
 The machine may be shared: the load average is printed (and stored in the JSON) with the results.
 """
 
@@ -49,6 +52,8 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "r4f": (["method=r4f"], 2.1),
     "smart": (["method=smart"], 3.2),  # k=1
     "freelb": (["method=freelb", "method.adv_steps=3"], 3.2),  # K=3 (the YAML's SST-2 default is 2)
+    "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
+    "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
 }
 
 
@@ -84,7 +89,7 @@ def compose_cfg(overrides: list[str]):
 class Arm:
     """One method with its own model copy, optimizer and scheduler, stepping on the fixed batch."""
 
-    def __init__(self, name: str, cfg, base_model, batch, device, amp) -> None:
+    def __init__(self, name: str, cfg, base_model, batch, device, amp, tokenizer=None, train=None) -> None:
         from hydra.utils import instantiate
         from transformers import get_linear_schedule_with_warmup
 
@@ -95,13 +100,27 @@ class Arm:
         method = instantiate(cfg.method)
         if cfg.get("selector") and cfg.selector.get("_target_"):
             method = instantiate(cfg.selector, inner=method)
-        ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=int(cfg.seed))
+        ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
         self.method = method
         self.model = method.setup(copy.deepcopy(base_model), ctx).to(device).train()
         self.optimizer = method.configure_optimizer(self.model, cfg.trainer)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 10, 10_000)
         self.times: list[float] = []
         self.rounds: list[float] = []  # mean step time per round
+        self.stage_s = self.run_model_stages(train, amp)
+
+    def run_model_stages(self, train, amp) -> dict[str, float]:
+        """One-off passes before the loop (e.g. child_tuning D's Fisher pass) on the bench batch, timed apart."""
+        from robustft.methods.base import LoopHandle
+        from robustft.stages import ModelStage
+
+        handle, times = LoopHandle(log=lambda row: None, save=lambda: None, amp=amp), {}
+        for stage in self.method.stages():
+            if isinstance(stage, ModelStage):
+                t0 = time.perf_counter()
+                stage.run(self.model, train, handle)
+                times[stage.name] = time.perf_counter() - t0
+        return times
 
     def step(self) -> float:
         import torch
@@ -148,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     batch = to_device(collate(small, list(range(len(small))), tokenizer, cfg0.task.is_regression), device)
     base_model = load_model(cfg0.model, cfg0.task)
 
-    arms = [Arm(name, compose_cfg(common + ARMS[name][0]), base_model, batch, device, amp) for name in args.arms]
+    arms = [Arm(name, compose_cfg(common + ARMS[name][0]), base_model, batch, device, amp, tokenizer, small)
+            for name in args.arms]
     load_before = os.getloadavg()[0]
     print(f"model={args.model} task={args.task} batch={args.batch_size}x{batch['input_ids'].shape[1]} tokens "
           f"precision={'bf16' if amp else 'fp32'} device={device} threads={torch.get_num_threads()} "
@@ -174,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         tgt = "" if target is None else f"{target:.2f}x"
         print(f"{arm.name:28s} {med:13.3f} {min(arm.times):7.3f} {ratio:6.2f}x {ratio_of_medians:11.2f}x {tgt:>7s} {ok}")
         results.append({"arm": arm.name, "median_s": med, "min_s": min(arm.times), "ratio": ratio,
-                        "ratio_of_medians": ratio_of_medians, "target": target, "times_s": arm.times})
+                        "ratio_of_medians": ratio_of_medians, "target": target, "times_s": arm.times,
+                        "stages_s": arm.stage_s})
+    for arm in arms:
+        for stage, seconds in arm.stage_s.items():
+            print(f"{arm.name}: one-off stage {stage} {seconds:.3f} s on the bench batch ({len(small)} examples)")
     print(f"\nload average {load_before:.2f} -> {load_after:.2f} (shared machine: ratios are noisy when it is high)")
     if args.out:
         out = Path(args.out)

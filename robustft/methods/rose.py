@@ -48,16 +48,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.adamw import adamw as adamw_kernel  # torch.optim.AdamW's functional form
 
 from robustft.errors import UserError
 from robustft.methods.base import Method, StepOutput, TrainContext, task_loss
+from robustft.methods.selector import Selector
 from robustft.methods.stats import LogWindow
 from robustft.methods.vanilla import Vanilla
-from robustft.stages import ModelStage, RunStage, StageResult
 
 VARIANTS = ("first", "second", "ensemble")
 
@@ -160,7 +159,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-class Rose(Method):
+class Rose(Selector):
     """ROSE selection around an inner method (vanilla by default)."""
 
     def __init__(self, name: str = "rose", variant: str = "first", lower: float = 0.0, upper: float = 70.0,
@@ -189,36 +188,10 @@ class Rose(Method):
         self._kl_sum: torch.Tensor | None = None
         self.window = LogWindow(1)
 
-    # --- delegated hooks ------------------------------------------------------------------------
+    # --- set-up (every other hook not defined here is the inner method's: Selector) -------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
-        self.ctx = ctx
         self.window = LogWindow(int(ctx.trainer.log_every))
-        return self.inner.setup(model, ctx)
-
-    def train_data(self, train: Dataset, ctx: TrainContext) -> Dataset:
-        return self.inner.train_data(train, ctx)
-
-    def stages(self) -> list[RunStage | ModelStage]:
-        return self.inner.stages()  # e.g. a method's reference run or its own stage before the loop
-
-    def stage_done(self, result: StageResult) -> None:
-        self.inner.stage_done(result)
-
-    def files(self) -> dict[str, Any]:
-        return self.inner.files()
-
-    def run_info(self) -> dict[str, Any]:
-        return self.inner.run_info()
-
-    def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
-        hook = getattr(self.inner, "metrics", None)
-        return hook(train_metrics) if hook is not None else {}
-
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.inner.forward(model, batch)
-
-    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.inner.predict(model, batch)
+        return super().setup(model, ctx)
 
     # --- optimizer ----------------------------------------------------------------------------
     def configure_optimizer(self, model: nn.Module, trainer: DictConfig) -> MaskedAdamW:
@@ -317,9 +290,9 @@ class Rose(Method):
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "window": self.window.state_dict()}
+        return {**super().state_dict(), "window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state.get("inner", {}))
+        super().load_state_dict(state)
         if "window" in state:
             self.window.load_state_dict(state["window"], self.ctx.device if self.ctx else None)
