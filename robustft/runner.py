@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import set_seed
 
 from robustft.data import load_task, tokenize
 from robustft.errors import UserError
 from robustft.loop import train_loop
-from robustft.methods.base import Method, TrainContext
+from robustft.methods.base import Method, TrainContext, build_method
 from robustft.metrics import main_metric
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer
 from robustft.predict import Predictor, evaluate
@@ -40,6 +39,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     """Train per `cfg`, evaluate the best checkpoint on every eval split, return flat metrics."""
     tcfg = cfg.trainer
     set_seed(int(cfg.seed))
+    method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
     device = select_device(str(tcfg.device))
     amp = autocast_dtype(device, str(tcfg.precision))
     task = cfg.task
@@ -53,9 +53,6 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
-    method: Method = instantiate(cfg.method)
-    if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
-        method = instantiate(cfg.selector, inner=method)
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), run_dir=run.path, tokenizer=tokenizer,
                        extra={"cfg": cfg, "run": run})  # e.g. ftft composes and runs a reference config
     model = method.setup(model, ctx).to(device)

@@ -430,7 +430,7 @@ def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_
         plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "checkpoints" / name)
         assert not any(isinstance(m, MixedLinear) for m in plain.modules())
         if name == "best":
-            metrics, _ = evaluate(plain, Method(), val, tok, cfg.task, 16, torch.device("cpu"), None)
+            metrics, _ = evaluate(plain, Method(name="vanilla"), val, tok, cfg.task, 16, torch.device("cpu"), None)
             assert metrics["accuracy"] == full["validation/accuracy"]
             assert metrics["loss"] == pytest.approx(full["validation/loss"], rel=1e-6)
     rows = (tmp_path / "full" / "metrics.jsonl").read_text()

@@ -116,19 +116,22 @@ def file_lock(path: Path) -> Iterator[None]:
 class DataMapMethod(Method):
     """Fine-tune on the subset of the training data selected by a reference model's data map."""
 
-    def __init__(self, name: str = "ftft", selection: str = "ambiguous", fraction: float = 0.33,
-                 variability_ddof: int = 0, burn_out: int | None = None, eval_interval: Any = "epoch",
-                 early_stopping_patience: int = 0, reference: Any = None, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, *, name: str, selection: str, fraction: float, variability_ddof: int, burn_out: int | None,
+                 reference: DictConfig | dict[str, Any]) -> None:
+        super().__init__(name)
         if selection not in RULES:
             raise UserError(f"method.selection={selection} is unknown; choose one of {', '.join(RULES)}")
         if not 0 < float(fraction) <= 1:
             raise UserError(f"method.fraction={fraction} must be in (0, 1], e.g. 0.33")
+        # reference is a free-form node in the YAML: its keys are checked here (model_overrides stays free)
+        takes = {"model", "model_overrides", "trainer", "seed", "reuse", "cache_dir"}
+        if set(reference) != takes:
+            wrong = sorted(set(reference) ^ takes)
+            raise UserError(f"method.reference: {'unknown' if wrong[0] in reference else 'missing'} option "
+                            f"'method.reference.{wrong[0]}'; it takes {', '.join(sorted(takes))}")
         self.selection, self.fraction = selection, float(fraction)
         self.ddof, self.burn_out = int(variability_ddof), burn_out
-        # eval_interval / early_stopping_patience reach the loop through conf/trainer/default.yaml
-        self.eval_interval, self.early_stopping_patience = eval_interval, early_stopping_patience
-        self.reference = OmegaConf.create(reference if reference is not None else {})
+        self.reference = OmegaConf.create(reference)
         self.reference_metrics: dict[str, float] = {}
         self.reused = False
         self.n_selected = self.n_total = 0
