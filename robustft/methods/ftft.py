@@ -56,8 +56,8 @@ log = logging.getLogger("robustft")
 
 KEY_FORMAT = 1
 # trainer keys that do not change the recorded dynamics: left out of the cache key
-KEY_IGNORED_TRAINER = frozenset({"log_every", "save_every", "save_checkpoints", "eval_batch_size", "num_workers",
-                                 "device", "interrupt_at_step"})
+KEY_IGNORED_TRAINER = frozenset({"log_every", "save_every", "save_checkpoints", "eval_batch_size", "device",
+                                 "interrupt_at_step"})
 
 
 def data_fingerprint(ds: Dataset, fields: list[str]) -> str:
