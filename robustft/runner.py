@@ -40,6 +40,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     tcfg = cfg.trainer
     set_seed(int(cfg.seed))
     method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
+    metric_name = main_metric(cfg.task)  # the task's main metric (checked against its metrics)
     device = select_device(str(tcfg.device))
     amp = autocast_dtype(device, str(tcfg.precision))
     task = cfg.task
@@ -60,7 +61,6 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
-    metric_name = main_metric(task.name)
     ckpt_dir = run.path / "checkpoints"
 
     run.update(
