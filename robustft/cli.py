@@ -61,6 +61,8 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     """Compose the config once per swept value so unknown options, groups, wrong types and bad values
     (robustft.validate) fail fast, then check that the run (or sweep) directory can be written.
 
+    Method and selector options are checked against their classes' signatures too (`+method.foo=1`).
+
     Hydra's own messages are several lines long and arrive after a sweep has started; this gives one
     line with the fix, and no run directory is created. `multirun` None: whether the command line has -m.
     """
@@ -69,6 +71,7 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException, MissingConfigException
 
+    from robustft.methods.base import check_options
     from robustft.validate import validate
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
@@ -118,6 +121,11 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
                     key = msg.split("'")[1] if "'" in msg else msg
                     fail(f"unknown option '{key}'; check the spelling (robustft --cfg job prints every option)")
                 fail(f"{msg}; robustft --help shows the valid options")
+            try:  # the method/selector keys against their classes' options (imports them, builds nothing)
+                check_options(cfg.get("method"), "method")
+                check_options(cfg.get("selector"), "selector")
+            except UserError as e:
+                fail(str(e))
             for item in variant:
                 key, _, _ = item.lstrip("+~").partition("=")
                 default = OmegaConf.select(OmegaConf.create(defaults), key, default=None)

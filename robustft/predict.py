@@ -97,7 +97,7 @@ def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, ba
     elapsed = time.perf_counter() - t0
     pred = np.empty(len(ds), dtype=np.float64 if task.is_regression else np.int64)
     pred[order] = np.concatenate(preds)
-    metrics = task_metrics(task.name, pred, np.asarray(ds["label"]))
+    metrics = task_metrics(task, pred, np.asarray(ds["label"]))  # the metrics the task config names
     metrics["loss"] = loss_sum / len(ds)
     metrics["examples_per_s"] = len(ds) / elapsed if elapsed > 0 else float("nan")
     return metrics, pred

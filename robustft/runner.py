@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
@@ -25,7 +24,7 @@ from robustft import checkpoint as ckpt
 from robustft.data import load_task, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
-from robustft.methods.base import Method, TrainContext
+from robustft.methods.base import Method, TrainContext, build_method
 from robustft.metrics import main_metric
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer, no_checkpoint_error
 from robustft.ood_sets import dev_split
@@ -82,18 +81,13 @@ def load_data(cfg: DictConfig, run: RunDir, recorded: dict | None) -> DatasetDic
     return data
 
 
-def build_method(cfg: DictConfig) -> Method:
-    method: Method = instantiate(cfg.method)
-    if cfg.get("selector") and cfg.selector.get("_target_"):  # e.g. selector=rose around any method
-        method = instantiate(cfg.selector, inner=method)
-    return method
-
-
 def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     """Device, data (+ stresses), evaluators (checked before any training), model, method, eval splits."""
     validate(cfg)  # the CLI pre-flight ran it too; here for in-process callers and each sweep job
     tcfg, task = cfg.trainer, cfg.task
     set_seed(int(cfg.seed))
+    method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
+    metric_name = main_metric(cfg.task)  # the task's main metric (checked against its metrics)
     device = select_device(str(tcfg.device))
     amp = autocast_dtype(device, str(tcfg.precision))
     init_from = resolve_ckpt_path(cfg.get("ckpt_path"))
@@ -104,14 +98,12 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
-    method = build_method(cfg)
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
     model = method.setup(model, ctx).to(device)
     eval_split = str(tcfg.get("eval_split") or "validation")
     if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
-    metric_name = main_metric(task.name)
     run.update(device=str(device), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
                main_metric=f"{eval_split}/{metric_name}")
     return Setup(device, amp, tokenizer, data, model, method, ctx, evals, eval_split, metric_name), evaluators

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         ev.concurrency = args.concurrency if name == "batched" else 1
         if warm_up:
             ev.num_examples = min(5, args.n)
-        predictor = Predictor(model, tokenizer, Method(), device, amp, int(cfg.trainer.max_length), args.batch_size)
+        predictor = Predictor(model, tokenizer, Method(name="vanilla"), device, amp, int(cfg.trainer.max_length), args.batch_size)
         target = OneByOne(predictor) if name == "one_by_one" else predictor
         load = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()

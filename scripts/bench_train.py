@@ -268,7 +268,7 @@ class Bench:
         if precision == "bf16" and amp is None:  # callers skip such arms (unsupported()); never time fp32 as bf16
             raise RuntimeError(unsupported(precision))
         model = self._eval_model = getattr(self, "_eval_model", None) or load_model(self.cfg.model, self.cfg.task).to(device)
-        metrics, _ = evaluate(model, Vanilla(), ds if ds is not None else self.validation, self.tokenizer,
+        metrics, _ = evaluate(model, Vanilla(name="vanilla"), ds if ds is not None else self.validation, self.tokenizer,
                               self.cfg.task, self.args.eval_batch_size, device, amp)
         return float(metrics["examples_per_s"])
 

@@ -57,7 +57,7 @@ def batch(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
 def child(model: nn.Module, variant: str, reserve_p: float = 0.3, rule=None) -> tuple[ChildTuning, torch.optim.Optimizer]:
     trainer = OmegaConf.create({"log_every": 1, "lr": 1e-3, "weight_decay": 0.01})
     method = ChildTuning(name="child_tuning", variant=variant, reserve_p=reserve_p, eligible=rule or RULE,
-                         inner=Vanilla())
+                         inner=Vanilla(name="vanilla"))
     method.setup(model, TrainContext(task=OmegaConf.create({"is_regression": False}), trainer=trainer,
                                      device=torch.device("cpu"), seed=0))
     return method, method.configure_optimizer(model, trainer)
@@ -177,11 +177,11 @@ def test_eligible_tensors_are_the_encoder_layers_of_every_family(arch):
 
 def test_bad_options_are_user_errors():
     with pytest.raises(UserError, match="variant"):
-        ChildTuning(name="child_tuning", variant="x", reserve_p=0.3, eligible=RULE, inner=Vanilla())
+        ChildTuning(name="child_tuning", variant="x", reserve_p=0.3, eligible=RULE, inner=Vanilla(name="vanilla"))
     with pytest.raises(UserError, match="reserve_p"):
-        ChildTuning(name="child_tuning", variant="f", reserve_p=0.0, eligible=RULE, inner=Vanilla())
+        ChildTuning(name="child_tuning", variant="f", reserve_p=0.0, eligible=RULE, inner=Vanilla(name="vanilla"))
     with pytest.raises(UserError, match="eligible"):
-        ChildTuning(name="child_tuning", variant="f", reserve_p=0.3, eligible={"contain": ["layer"]}, inner=Vanilla())
+        ChildTuning(name="child_tuning", variant="f", reserve_p=0.3, eligible={"contain": ["layer"]}, inner=Vanilla(name="vanilla"))
     with pytest.raises(UserError, match="no trained tensor"):
         child(tiny_model(), "f", rule={"contains": ["nothing_like_this"], "excludes": []})
 

@@ -162,6 +162,7 @@ def test_help_and_config_mistakes_are_one_line_errors(tmp_path):
         "group": ["method=nope", f"hydra.run.dir={tmp_path / 'r_group'}"],
         "key": ["trainer.epochz=3", f"hydra.run.dir={tmp_path / 'r_key'}"],
         "type": ["-m", "seed=1,2", "trainer.epochs=abc", f"hydra.sweep.dir={tmp_path / 'sweep_type'}"],
+        "option": ["method=rose", "+method.varaint=second", f"hydra.run.dir={tmp_path / 'r_option'}"],
     }, cwd=tmp_path)
 
     h = runs["help"]
@@ -177,6 +178,8 @@ def test_help_and_config_mistakes_are_one_line_errors(tmp_path):
     assert "unknown method 'nope'" in line and ", ".join(options("method")) in line
     line = error_line(runs["key"])
     assert "unknown option 'trainer.epochz'" in line and "spelling" in line
+    line = error_line(runs["option"])  # a method option the class does not take (tests/test_method_options.py)
+    assert "unknown option 'method.varaint'" in line and "did you mean 'method.variant'" in line
     line = error_line(runs["type"])  # (in a sweep: fails before any job starts)
     assert "trainer.epochs='abc'" in line and "whole number" in line
     # nothing was created: neither the given run/sweep dirs nor Hydra's default outputs/ multirun/

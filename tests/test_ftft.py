@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from omegaconf import OmegaConf
 
 from robustft.cartography import compute_stats, read_dynamics, select
+from robustft.cli import CONF_DIR
 from robustft.errors import UserError
-from robustft.methods.base import Method, TrainContext
+from robustft.methods.base import Method, TrainContext, build_method
 from robustft.methods.ftft import DataMapMethod
 from robustft.models import count_params, load_model
 from robustft.rundir import RunDir
@@ -80,7 +81,9 @@ def test_ftft_trains_reference_once_then_reuses_it_and_costs_add_up(tmp_path, ti
 
 
 def method_from(cfg) -> DataMapMethod:
-    return DataMapMethod(**{k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "_target_"})
+    method = build_method(cfg)  # as the runner builds it: the YAML's options, checked
+    assert isinstance(method, DataMapMethod)
+    return method
 
 
 def reference_config(cfg):
@@ -106,11 +109,15 @@ def test_reference_configs_and_keys(tmp_path):
     ref = reference_config(ftft)
     assert ref.model.name == "minilm" and ref.model.num_layers == 2 and ref.model.pretrained == ftft.model.pretrained
     assert ref.trainer.batch_size == ref.model.batch_size and ref.trainer.lr == ref.model.lr
-    # the main model of ftft evaluates every eval_interval steps with patience 2 unless the trainer says otherwise
+    # the main model of ftft evaluates every 50 steps with patience 2 (set by conf/method/ftft.yaml) unless
+    # the command line says otherwise; the trainer config itself reads nothing from `method`
     assert ftft.trainer.eval_every == 50 and ftft.trainer.early_stopping_patience == 2
-    explicit = make_cfg(["method=ftft", "trainer.eval_every=7", "trainer.early_stopping_patience=0"])
-    assert explicit.trainer.eval_every == 7 and explicit.trainer.early_stopping_patience == 0
+    explicit = make_cfg(["method=ftft", "trainer.eval_every=10", "trainer.early_stopping_patience=0"])
+    assert explicit.trainer.eval_every == 10 and explicit.trainer.early_stopping_patience == 0
     assert make_cfg([]).trainer.eval_every == "epoch" and make_cfg([]).trainer.early_stopping_patience == 0
+    assert (cart.trainer.eval_every, cart.trainer.early_stopping_patience) == ("epoch", 0)
+    assert not re.search(r"\$\{[^}]*\bmethod\.", (CONF_DIR / "trainer" / "default.yaml").read_text())
+    assert "eval_interval" not in ftft.method and "early_stopping_patience" not in ftft.method
 
     glove = make_cfg(["method=ftft", "method.reference.model=glove_bow", "method.reference.model_overrides={}"])
     assert reference_config(glove).model.arch == "glove_bow"

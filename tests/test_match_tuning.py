@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
 
-from robustft.methods.base import TrainContext, task_loss
+from robustft.cli import CONF_DIR
+from robustft.methods.base import TrainContext, instantiate_method, task_loss
 from robustft.methods.match_tuning import MatchTuning, match_head, matching, matching_stats
 from robustft.rundir import RunDir
 from robustft.runner import fit
@@ -40,7 +41,10 @@ def batch(n: int, length: int = 7, seed: int = 1, labels: list[int] | None = Non
 
 
 def method(model, **options) -> MatchTuning:
-    m = MatchTuning(**options)
+    """Match-Tuning with conf/method/match_tuning.yaml's options, some overridden, built as the runner builds it."""
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "method" / "match_tuning.yaml"), options)
+    m = instantiate_method(node, "method")
+    assert isinstance(m, MatchTuning)
     m.setup(model, ctx())
     return m
 
@@ -96,7 +100,7 @@ def test_eval_prediction_does_not_depend_on_the_rest_of_the_batch(arch):
     a, b = batch(3, seed=11), batch(3, seed=12)
     batch_a = {k: torch.cat([x[k], a[k]]) for k in x}
     batch_b = {k: torch.cat([x[k], b[k]]) for k in x}
-    off = method(model)  # eval_matching=false (default)
+    off = method(model)  # eval_matching: false (the YAML's)
     pa, pb = off.predict(model, batch_a)[0], off.predict(model, batch_b)[0]
     torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
     torch.testing.assert_close(pa, off.predict(model, x)[0], rtol=0, atol=1e-6)

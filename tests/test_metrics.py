@@ -1,4 +1,5 @@
-"""Tests for the bundled offline metric modules (robustft/metrics) against direct scikit-learn/SciPy calls."""
+"""The bundled offline metric modules (robustft/metrics) against direct scikit-learn/SciPy calls, and the
+task configs' `metrics` / `main_metric` computed through them."""
 
 from __future__ import annotations
 
@@ -15,31 +16,20 @@ import evaluate
 import numpy as np
 import pytest
 import tomllib
+from omegaconf import OmegaConf
 from scipy.stats import pearsonr, spearmanr
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from robustft.metrics import (
-    GLUE_CONFIGS,
-    GREATER_IS_BETTER,
-    METRIC_NAMES,
-    METRICS_DIR,
-    TASKS,
-    load_metric,
-    main_metric,
-    task_metrics,
-)
+from robustft.cli import CONF_DIR
+from robustft.errors import UserError
+from robustft.metrics import COMBINED, METRIC_NAMES, METRICS_DIR, load_metric, main_metric, task_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = (2, 11, 257, 2000)
 SEEDS = (0, 1)
-CLASSIFICATION_CONFIGS = tuple(c for c in GLUE_CONFIGS if c != "stsb")
-EXPECTED_GLUE_KEYS = {
-    "cola": {"matthews_correlation"},
-    "stsb": {"pearson", "spearmanr"},
-    "mrpc": {"accuracy", "f1"},
-    "qqp": {"accuracy", "f1"},
-}
+TASKS = tuple(sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")))
+CLASSIFICATION_TASKS = tuple(t for t in TASKS if t != "stsb")
 EXACT = {"rel": 1e-12, "abs": 1e-12}
 
 
@@ -105,12 +95,12 @@ def set_offline_flags(monkeypatch, offline: bool) -> None:
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
 
 
-def default_config(name: str) -> str | None:
-    return "sst2" if name == "glue" else None
+def task(name: str):
+    return OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml")
 
 
 def smoke_inputs(name: str) -> tuple[list, list]:
-    if name in ("pearsonr", "spearmanr"):
+    if name in ("pearson", "spearmanr"):
         return [0.5, 1.0, 2.5, 4.0], [1.0, 1.5, 2.0, 4.5]
     return [0, 1, 1, 0], [0, 1, 0, 0]
 
@@ -120,6 +110,8 @@ def smoke_inputs(name: str) -> tuple[list, list]:
 
 def test_metric_folders_exist_and_ship_as_package_data():
     assert METRICS_DIR == Path(__file__).resolve().parents[1] / "robustft" / "metrics"
+    # robustft/metrics holds exactly the modules the task configs name
+    assert set(METRIC_NAMES) == {m for t in TASKS for m in task(t).metrics}
     for name in METRIC_NAMES:
         assert (METRICS_DIR / name / f"{name}.py").is_file()
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -134,7 +126,7 @@ def test_metric_folders_exist_and_ship_as_package_data():
 
 @pytest.mark.parametrize("name", METRIC_NAMES)
 def test_evaluate_load_of_each_folder(name, no_network):
-    module = evaluate.load(str(METRICS_DIR / name), default_config(name))
+    module = evaluate.load(str(METRICS_DIR / name))
     assert isinstance(module, evaluate.EvaluationModule)
     preds, refs = smoke_inputs(name)
     result = module.compute(predictions=preds, references=refs)
@@ -145,11 +137,11 @@ def test_evaluate_load_of_each_folder(name, no_network):
 def test_loading_never_touches_network(monkeypatch, no_network, offline):
     set_offline_flags(monkeypatch, offline)
     for name in METRIC_NAMES:
-        module = evaluate.load(str(METRICS_DIR / name), default_config(name), keep_in_memory=True)
+        module = evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
         assert module.compute(predictions=smoke_inputs(name)[0], references=smoke_inputs(name)[1])
     load_metric.cache_clear()  # force real (uncached) loads through the public helper too
-    assert task_metrics("mrpc", [0, 1, 1], [0, 1, 0])["accuracy"] == approx(2 / 3)
-    assert task_metrics("stsb", [0.1, 2.0, 3.5], [0.0, 2.5, 3.0])["combined_score"] > 0
+    assert task_metrics(task("mrpc"), [0, 1, 1], [0, 1, 0])["accuracy"] == approx(2 / 3)
+    assert task_metrics(task("stsb"), [0.1, 2.0, 3.5], [0.0, 2.5, 3.0])["combined_score"] > 0
 
 
 @pytest.mark.slow
@@ -164,26 +156,32 @@ def test_loading_in_fresh_process(offline):
         "def refuse(*a, **k): raise AssertionError('network access attempted')\n"
         "socket.getaddrinfo = socket.create_connection = refuse\n"
         "from robustft.metrics import task_metrics\n"
-        "print(task_metrics('cola', [0, 1, 1, 0], [0, 1, 0, 0]))\n"
+        "cola = {'name': 'cola', 'metrics': ['matthews_correlation'], 'is_regression': False}\n"
+        "print(task_metrics(cola, [0, 1, 1, 0], [0, 1, 0, 0]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     assert "matthews_correlation" in out.stdout
 
 
-def test_glue_requires_a_known_config():
-    with pytest.raises(KeyError):
-        evaluate.load(str(METRICS_DIR / "glue"))
-    with pytest.raises(ValueError):
-        load_metric("glue")
-    with pytest.raises(ValueError):
+def test_unknown_metrics_and_main_metrics_are_one_line_errors():
+    with pytest.raises(ValueError, match="bundled metrics"):
         load_metric("bleu")
+    with pytest.raises(UserError, match="unknown metric 'bleu'; choose from accuracy"):
+        task_metrics({"name": "x", "metrics": ["accuracy", "bleu"], "is_regression": False}, [0], [0])
+    with pytest.raises(UserError, match="names no metrics"):
+        main_metric({"name": "x", "metrics": [], "main_metric": "accuracy"})
+    with pytest.raises(UserError, match="main_metric=f1 of x is not one of its metrics; choose from accuracy$"):
+        main_metric({"name": "x", "metrics": ["accuracy"], "main_metric": "f1"})
+    # combined_score exists only with several metrics
+    assert main_metric({"name": "x", "metrics": ["accuracy", "f1"], "main_metric": COMBINED}) == COMBINED
+    with pytest.raises(UserError, match="choose from accuracy"):
+        main_metric({"name": "x", "metrics": ["accuracy"], "main_metric": COMBINED})
 
 
 def test_load_metric_is_cached():
-    assert load_metric("glue", "rte") is load_metric("glue", "rte")
-    assert load_metric("glue", "rte") is not load_metric("glue", "qnli")
-    assert load_metric("glue", "rte").config_name == "rte"
+    assert load_metric("f1") is load_metric("f1")
+    assert load_metric("f1") is not load_metric("accuracy")
 
 
 # ---------------------------------------------------------------------- single metrics vs sklearn/scipy
@@ -236,11 +234,15 @@ def test_f1_edge_cases():
     refs = np.array([0, 1, 0, 1, 1])
     no_positive_preds = np.zeros(5, dtype=int)
     assert metric.compute(predictions=no_positive_preds, references=refs)["f1"] == 0.0
-    assert f1_score(refs, no_positive_preds) == 0.0
-    # Nothing positive at all: ill-defined; sklearn's zero_division decides (warning + 0.0 by default).
+    assert sklearn_quiet(f1_score, refs, no_positive_preds) == 0.0
+    # Nothing positive at all: ill-defined; zero_division decides: 0.0 by default, sklearn's default
+    # value, without sklearn's warning (one per evaluation of an early checkpoint otherwise).
     all_negative = np.zeros(5, dtype=int)
-    with pytest.warns(UndefinedMetricWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndefinedMetricWarning)
         assert metric.compute(predictions=all_negative, references=all_negative)["f1"] == 0.0
+    with pytest.warns(UndefinedMetricWarning):
+        assert metric.compute(predictions=all_negative, references=all_negative, zero_division="warn")["f1"] == 0.0
     got = metric.compute(predictions=all_negative, references=all_negative, zero_division=1.0)["f1"]
     assert got == 1.0
     assert metric.compute(predictions=refs, references=refs)["f1"] == 1.0
@@ -274,9 +276,9 @@ def test_matthews_correlation_edge_cases():
 @pytest.mark.parametrize("n", (3, 11, 257, 2000))
 def test_correlations_match_scipy(seed, n):
     preds, refs = float_data(seed, n)
-    pearson = load_metric("pearsonr").compute(predictions=preds, references=refs, return_pvalue=True)
+    pearson = load_metric("pearson").compute(predictions=preds, references=refs, return_pvalue=True)
     expected = pearsonr(preds, refs)
-    assert pearson == {"pearsonr": approx(expected[0]), "p-value": approx(expected[1])}
+    assert pearson == {"pearson": approx(expected[0]), "p-value": approx(expected[1])}
     spearman = load_metric("spearmanr").compute(predictions=preds, references=refs, return_pvalue=True)
     expected = spearmanr(preds, refs)
     assert spearman == {"spearmanr": approx(expected[0]), "spearmanr_pvalue": approx(expected[1])}
@@ -285,8 +287,8 @@ def test_correlations_match_scipy(seed, n):
     assert load_metric("spearmanr").compute(predictions=tied, references=refs) == {
         "spearmanr": approx(spearmanr(tied, refs)[0])
     }
-    assert load_metric("pearsonr").compute(predictions=tied, references=refs) == {
-        "pearsonr": approx(pearsonr(tied, refs)[0])
+    assert load_metric("pearson").compute(predictions=tied, references=refs) == {
+        "pearson": approx(pearsonr(tied, refs)[0])
     }
 
 
@@ -294,7 +296,7 @@ def test_correlations_keep_float64_precision():
     # datasets' "numpy" format would downcast to float32; these values differ only beyond float32 precision.
     preds = np.array([1.0, 1.0 + 1e-9, 1.0 + 3e-9, 1.0 + 2e-9])
     refs = np.array([0.0, 1.0, 3.0, 2.0])
-    got = load_metric("pearsonr").compute(predictions=preds, references=refs)["pearsonr"]
+    got = load_metric("pearson").compute(predictions=preds, references=refs)["pearson"]
     assert got == approx(pearsonr(preds, refs)[0])
     assert got > 0.99
 
@@ -302,142 +304,122 @@ def test_correlations_keep_float64_precision():
 def test_correlations_of_constant_predictions_are_nan():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in ("pearsonr", "spearmanr"):
+        for name in ("pearson", "spearmanr"):
             result = load_metric(name).compute(predictions=[2.0, 2.0, 2.0], references=[1.0, 2.0, 3.0])
             assert math.isnan(result[name])
 
 
-# ------------------------------------------------------------------------------------------------ glue
+# ------------------------------------------------------------------------- task configs -> metrics
+
+# GLUE's conventions (HF run_glue.py: combined_score where a task reports two metrics)
+GLUE = {
+    "cola": (["matthews_correlation"], "matthews_correlation"),
+    "stsb": (["pearson", "spearmanr"], COMBINED),
+    "mrpc": (["accuracy", "f1"], COMBINED),
+    "qqp": (["accuracy", "f1"], COMBINED),
+}
+REFERENCE = {  # each module against the library call it wraps
+    "accuracy": lambda p, r: accuracy_score(r, p),
+    "f1": lambda p, r: sklearn_quiet(f1_score, r, p),
+    "matthews_correlation": lambda p, r: matthews_corrcoef(r, p),
+    "pearson": lambda p, r: pearsonr(p, r)[0],
+    "spearmanr": lambda p, r: spearmanr(p, r)[0],
+}
 
 
-def expected_glue(config: str, preds: np.ndarray, refs: np.ndarray) -> dict[str, float]:
-    if config == "cola":
-        return {"matthews_correlation": matthews_corrcoef(refs, preds)}
-    if config == "stsb":
-        return {"pearson": pearsonr(preds, refs)[0], "spearmanr": spearmanr(preds, refs)[0]}
-    if config in ("mrpc", "qqp"):
-        return {"accuracy": accuracy_score(refs, preds), "f1": sklearn_quiet(f1_score, refs, preds)}
-    return {"accuracy": accuracy_score(refs, preds)}
+def task_data(name: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    t = task(name)
+    return float_data(seed, n) if t.is_regression else int_data(seed, n, num_classes=len(t.label_names))
 
 
-def glue_data(config: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    if config == "stsb":
-        return float_data(seed, n)
-    return int_data(seed, n, num_classes=3 if config.startswith(("mnli", "snli", "hans")) else 2)
+@pytest.mark.parametrize("name", TASKS)
+def test_task_configs_follow_glue_conventions(name):
+    t = task(name)
+    assert (list(t.metrics), t.main_metric) == GLUE.get(name, (["accuracy"], "accuracy"))
+    assert main_metric(t) == t.main_metric
 
 
 @pytest.mark.filterwarnings("ignore:A single label was found")
-@pytest.mark.parametrize("config", GLUE_CONFIGS)
-def test_glue_matches_sklearn_scipy(config):
-    metric = load_metric("glue", config)
+@pytest.mark.parametrize("name", TASKS)
+def test_task_metrics_match_sklearn_scipy_and_combined_score(name):
+    t = task(name)
     for seed in SEEDS:
         for n in (3, 11, 257, 2000):
-            preds, refs = glue_data(config, seed, n)
-            got = metric.compute(predictions=preds, references=refs)
-            expected = expected_glue(config, preds, refs)
-            assert set(got) == EXPECTED_GLUE_KEYS.get(config, {"accuracy"})
+            preds, refs = task_data(name, seed, n)
+            got = task_metrics(t, preds, refs)
+            expected = {m: float(REFERENCE[m](preds, refs)) for m in t.metrics}
+            if len(expected) > 1:
+                expected[COMBINED] = sum(expected.values()) / len(expected)
             assert got == {key: approx(value) for key, value in expected.items()}
+            assert list(got) == list(expected)  # the config's order, combined_score last
             assert all(type(value) is float for value in got.values())
+            assert main_metric(t) in got
+    # Plain Python lists work too.
+    assert task_metrics(t, preds.tolist(), refs.tolist()) == {key: approx(v) for key, v in got.items()}
 
 
-@pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS)
-def test_glue_constant_predictions(config):
+@pytest.mark.parametrize("name", CLASSIFICATION_TASKS)
+def test_constant_predictions_give_zero_without_warnings(name):
     refs = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1])
     preds = np.zeros_like(refs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UndefinedMetricWarning)  # no warning spam during training
-        got = load_metric("glue", config).compute(predictions=preds, references=refs)
-    assert got == {key: approx(value) for key, value in expected_glue(config, preds, refs).items()}
-    if config == "cola":
-        assert got["matthews_correlation"] == 0.0
-    if config in ("mrpc", "qqp"):
+        got = task_metrics(task(name), preds, refs)
+    assert got["accuracy" if "accuracy" in got else "matthews_correlation"] == approx(
+        accuracy_score(refs, preds) if "accuracy" in got else 0.0)
+    if "f1" in got:
         assert got["f1"] == 0.0
 
 
-def test_glue_stsb_keeps_float_inputs():
+def test_combined_score_values():
+    got = task_metrics(task("mrpc"), [1, 1, 0, 0], [1, 0, 0, 0])
+    assert got == {"accuracy": 0.75, "f1": approx(2 / 3), "combined_score": approx((0.75 + 2 / 3) / 2)}
+    got = task_metrics(task("stsb"), [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])
+    assert got == {"pearson": approx(1.0), "spearmanr": approx(1.0), "combined_score": approx(1.0)}
+    assert "combined_score" not in task_metrics(task("cola"), [1, 0], [1, 0])
+    assert "combined_score" not in task_metrics(task("sst2"), [1, 0], [1, 0])
+
+
+def test_stsb_keeps_float_inputs():
     preds = [0.25, 1.5, 2.75, 4.125, 3.0]
     refs = [0.0, 2.0, 2.5, 5.0, 3.5]
-    got = load_metric("glue", "stsb").compute(predictions=preds, references=refs)
-    assert got == {
+    got = task_metrics(task("stsb"), preds, refs)
+    assert {k: got[k] for k in ("pearson", "spearmanr")} == {
         "pearson": approx(pearsonr(preds, refs)[0]),
         "spearmanr": approx(spearmanr(preds, refs)[0]),
     }
 
 
-# ------------------------------------------------------------------------------------- task_metrics
-
-
-@pytest.mark.parametrize("task", TASKS)
-def test_task_metrics_and_combined_score(task):
-    preds, refs = glue_data(task, seed=3, n=500)
-    got = task_metrics(task, preds, refs)
-    expected = {key: float(value) for key, value in expected_glue(task, preds, refs).items()}
-    if len(expected) > 1:
-        expected["combined_score"] = sum(expected.values()) / len(expected)
-    assert got == {key: approx(value) for key, value in expected.items()}
-    assert all(type(value) is float for value in got.values())
-    assert main_metric(task) in got
-    # Plain Python lists work too.
-    assert task_metrics(task, preds.tolist(), refs.tolist()) == {key: approx(v) for key, v in got.items()}
-
-
-def test_combined_score_values():
-    got = task_metrics("mrpc", [1, 1, 0, 0], [1, 0, 0, 0])
-    assert got == {"accuracy": 0.75, "f1": approx(2 / 3), "combined_score": approx((0.75 + 2 / 3) / 2)}
-    got = task_metrics("stsb", [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])
-    assert got == {"pearson": approx(1.0), "spearmanr": approx(1.0), "combined_score": approx(1.0)}
-    assert "combined_score" not in task_metrics("cola", [1, 0], [1, 0])
-    assert "combined_score" not in task_metrics("sst2", [1, 0], [1, 0])
-
-
 def test_task_metrics_input_handling():
     preds, refs = float_data(seed=0, n=50)
-    column = task_metrics("stsb", preds[:, None], refs)  # regression head output, shape (n, 1)
-    assert column == task_metrics("stsb", preds, refs)
+    column = task_metrics(task("stsb"), preds[:, None], refs)  # regression head output, shape (n, 1)
+    assert column == task_metrics(task("stsb"), preds, refs)
     # Integer-valued floats are fine as class ids; logits or fractional values are not.
-    assert task_metrics("rte", np.array([0.0, 1.0, 1.0]), [0, 1, 0])["accuracy"] == approx(2 / 3)
+    assert task_metrics(task("rte"), np.array([0.0, 1.0, 1.0]), [0, 1, 0])["accuracy"] == approx(2 / 3)
     with pytest.raises(ValueError, match="argmax"):
-        task_metrics("sst2", np.zeros((4, 2)), [0, 1, 0, 1])
+        task_metrics(task("sst2"), np.zeros((4, 2)), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="class ids"):
-        task_metrics("sst2", [0.2, 0.9], [0, 1])
+        task_metrics(task("sst2"), [0.2, 0.9], [0, 1])
     with pytest.raises(ValueError, match="equal length"):
-        task_metrics("sst2", [0, 1, 1], [0, 1])
-    with pytest.raises(ValueError, match="Unknown task"):
-        task_metrics("squad", [0], [0])
+        task_metrics(task("sst2"), [0, 1, 1], [0, 1])
 
 
 def test_task_metrics_accepts_torch_tensors():
     torch = pytest.importorskip("torch")
-    got = task_metrics("qqp", torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]))
+    got = task_metrics(task("qqp"), torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]))
     assert got["accuracy"] == 0.75
-    got = task_metrics("stsb", torch.tensor([[0.5], [1.5], [2.0]]), torch.tensor([0.0, 1.0, 3.0]))
+    got = task_metrics(task("stsb"), torch.tensor([[0.5], [1.5], [2.0]]), torch.tensor([0.0, 1.0, 3.0]))
     assert got["pearson"] == pytest.approx(pearsonr([0.5, 1.5, 2.0], [0.0, 1.0, 3.0])[0], rel=1e-6)
 
 
 def test_task_metrics_is_fast():
     preds, refs = int_data(seed=0, n=10_000)
     fpreds, frefs = float_data(seed=0, n=10_000)
-    for task in ("cola", "mrpc", "stsb"):  # warm up (first load of each config)
-        task_metrics(task, fpreds if task == "stsb" else preds, frefs if task == "stsb" else refs)
+    tasks = {name: task(name) for name in ("cola", "mrpc", "stsb")}
+    for name, t in tasks.items():  # warm up (first load of each module)
+        task_metrics(t, fpreds if name == "stsb" else preds, frefs if name == "stsb" else refs)
     start = time.perf_counter()
-    task_metrics("cola", preds, refs)
-    task_metrics("mrpc", preds, refs)
-    task_metrics("stsb", fpreds, frefs)
+    task_metrics(tasks["cola"], preds, refs)
+    task_metrics(tasks["mrpc"], preds, refs)
+    task_metrics(tasks["stsb"], fpreds, frefs)
     assert time.perf_counter() - start < 0.5
-
-
-# -------------------------------------------------------------------------------------- main_metric
-
-
-def test_main_metric():
-    assert GREATER_IS_BETTER is True
-    expected = {
-        "cola": "matthews_correlation",
-        "stsb": "combined_score",
-        "mrpc": "combined_score",
-        "qqp": "combined_score",
-    }
-    for task in TASKS:
-        assert main_metric(task) == expected.get(task, "accuracy")
-    with pytest.raises(ValueError):
-        main_metric("squad")

@@ -23,7 +23,7 @@ def test_wheel_ships_configs_and_metric_modules(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for yaml in CONF_DIR.rglob("*.yaml"):
         assert f"robustft/conf/{yaml.relative_to(CONF_DIR).as_posix()}" in names
-    assert "robustft/metrics/glue/glue.py" in names
+    assert "robustft/metrics/accuracy/accuracy.py" in names
     assert (REPO / "conf").resolve() == CONF_DIR  # the top-level `conf` points at the packaged configs
 
 

@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, BertConfig
 
+from robustft.cli import CONF_DIR
 from robustft.errors import Interrupted, UserError
-from robustft.methods.base import TrainContext, task_loss
+from robustft.methods.base import TrainContext, instantiate_method, task_loss
 from robustft.methods.rose import MaskedAdamW, Rose, is_eligible, quantile_mask, symmetric_kl
 from robustft.methods.stats import LogWindow
 from robustft.rundir import RunDir
@@ -33,8 +34,14 @@ def batch(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
+def rose_method(group: str = "method", **options) -> Rose:
+    """ROSE with conf/method/rose.yaml's options, some overridden, built as the runner builds it."""
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "method" / "rose.yaml"), options)
+    return instantiate_method(node, group, **({"inner": rose_method()} if group == "selector" else {}))
+
+
 def rose(model, **options) -> tuple[Rose, MaskedAdamW]:
-    r = Rose(**options)
+    r = rose_method(**options)
     ctx = TrainContext(task=OmegaConf.create({"is_regression": False}), trainer=TRAINER,
                        device=torch.device("cpu"), seed=0)
     r.setup(model, ctx)
@@ -190,7 +197,7 @@ def test_log_window_means_since_the_last_train_row():
 
 def test_rose_around_rose_is_refused():
     with pytest.raises(UserError, match="already the method"):
-        Rose(inner=Rose())
+        rose_method("selector")
 
 
 # --- end to end -----------------------------------------------------------------------------------

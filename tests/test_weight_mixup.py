@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, Deberta
 from robustft import checkpoint as ckpt
 from robustft.data import collate, load_task, tokenize
 from robustft.errors import Interrupted, UserError
-from robustft.methods.base import LoopHandle, Method, TrainContext, model_inputs, task_loss
+from robustft.methods.base import LoopHandle, Method, TrainContext, check_options, model_inputs, task_loss
 from robustft.methods.weight_mixup import BiLevelStage, MixedLinear, WeightMixup, mixed_linear_names
 from robustft.methods.weight_mixup import SameDropout as WMSameDropout
 from robustft.models import load_tokenizer
@@ -441,7 +441,7 @@ def test_fit_stage2_freezes_alpha_w0_checkpoints_load_and_resume(tmp_path, tiny_
         plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "checkpoints" / name)
         assert not any(isinstance(m, MixedLinear) for m in plain.modules())
         if name == "best":
-            metrics, _ = evaluate(plain, Method(), val, tok, cfg.task, 16, torch.device("cpu"), None)
+            metrics, _ = evaluate(plain, Method(name="vanilla"), val, tok, cfg.task, 16, torch.device("cpu"), None)
             assert metrics["accuracy"] == full["validation/accuracy"]
             assert metrics["loss"] == pytest.approx(full["validation/loss"], rel=1e-6)
     rows = (tmp_path / "full" / "metrics.jsonl").read_text()
@@ -484,8 +484,8 @@ def test_config_composes_with_official_defaults():
 def test_unknown_or_missing_options_are_user_errors():
     yaml = {k: v for k, v in OmegaConf.load(YAML).items() if k != "_target_"}
     assert WeightMixup(**yaml).inner["lr"] == 2e-5  # the YAML has every option
-    with pytest.raises(UserError, match=r"has unknown option\(s\) \['bogus'\]"):
-        WeightMixup(**yaml, bogus=1)
+    with pytest.raises(UserError, match=r"unknown option 'method.bogus'"):  # top level: the check the CLI runs
+        check_options(OmegaConf.create({**yaml, "_target_": OmegaConf.load(YAML)._target_, "bogus": 1}), "method")
     with pytest.raises(UserError, match=r"method.inner has unknown option\(s\) \['lrr'\]"):
         WeightMixup(**{**yaml, "inner": {**yaml["inner"], "lrr": 1}})
     with pytest.raises(UserError, match=r"method.fd lacks \['radius'\]"):

@@ -18,9 +18,13 @@ The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import difflib
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
 
+from robustft.errors import UserError
 from robustft.stages import ModelStage, RunStage, StageResult
 
 
@@ -93,11 +98,18 @@ def adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Ad
 
 
 class Method:
-    """Vanilla fine-tuning (empirical risk minimisation)."""
+    """Vanilla fine-tuning (empirical risk minimisation).
 
-    def __init__(self, name: str = "vanilla", **options: Any) -> None:
+    A method's options are its `__init__` parameters, all set by its YAML (conf/method/<name>.yaml): none
+    has a default in code, so the YAML is the one place a default lives, and none is swallowed by
+    `**options`, so a misspelled option is an error (see `check_options`). Parameters listed in
+    `runtime_args` are passed by the runner, never by a YAML.
+    """
+
+    runtime_args: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.options = options
         self.ctx: TrainContext | None = None
 
     # --- set-up hooks -------------------------------------------------------------------------
@@ -161,3 +173,107 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+# --- options: the YAML's keys checked against the class, then the class built from them ----------------
+HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})  # instantiate's own
+
+
+def method_options(cls: type) -> tuple[set[str], set[str]]:
+    """(the options `cls` takes, those without a default) from its `__init__` signature; runtime args left out."""
+    skip = getattr(cls, "runtime_args", frozenset())
+    params = [p for p in inspect.signature(cls).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
+    return {p.name for p in params}, {p.name for p in params if p.default is p.empty}
+
+
+def _dataclass_option(cls: type, name: str) -> type | None:
+    """The dataclass an option is annotated with (alone or in a union), e.g. ROSE's `eligible`: its keys are options too."""
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(name)
+    except (NameError, TypeError):  # an annotation that does not resolve: nothing nested to check
+        return None
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _check_keys(keys: Any, takes: set[str], required: set[str], where: str, label: str) -> None:
+    """One-line UserError for the first key not in `takes` (with the closest option), or the required ones missing."""
+    unknown = sorted(set(keys) - takes)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(takes), n=1)
+        fix = f"did you mean '{where}.{close[0]}'?" if close else f"robustft --cfg job {label} prints every option"
+        owner = label if "." not in where else f"{where} of {label}"
+        raise UserError(f"unknown option '{where}.{unknown[0]}' ({owner} takes {', '.join(sorted(takes))}); {fix}")
+    missing = sorted(required - set(keys))
+    if missing:
+        raise UserError(f"{label} needs option(s) {', '.join(f'{where}.{k}' for k in missing)}; set them in its YAML "
+                        f"(conf/<group>/*.yaml holds every option's default)")
+
+
+def check_options(node: Mapping[str, Any] | None, group: str) -> None:
+    """Raise a one-line UserError unless a method/selector node's keys are exactly its class's options.
+
+    It imports the `_target_` class but builds nothing (no model, no data), so the CLI's pre-flight runs
+    it before any job starts. It catches `+method.foo=1`, a misspelled `+method.varaint=x`, a YAML key
+    the class does not take and an option the YAML lacks; options annotated with a dataclass (ROSE's
+    `eligible`) have their keys checked against its fields alike.
+    """
+    from hydra.utils import get_class
+
+    if node is None:
+        return
+    label = f"{group}={node.get('name')}"
+    target = node.get("_target_")
+    if target is None:  # e.g. selector=none: nothing is built, so nothing but the name may be set
+        _check_keys(node.keys(), {"name"}, {"name"}, group, label)
+        return
+    try:
+        cls = get_class(str(target))
+    except (ImportError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{group}._target_={target} cannot be imported ({reason}); fix _target_ in its YAML") from e
+    takes, required = method_options(cls)
+    keys = [k for k in node.keys() if k not in HYDRA_KEYS]
+    _check_keys(keys, takes, required, group, label)
+    for key in keys:
+        sub, value = _dataclass_option(cls, key), node[key]
+        if sub is not None and isinstance(value, Mapping):
+            fields = dataclasses.fields(sub)
+            needed = {f.name for f in fields if f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING}
+            _check_keys(value.keys(), {f.name for f in fields}, needed, f"{group}.{key}", label)
+
+
+def instantiate_method(node: DictConfig, group: str, **runtime: Any) -> Method:
+    """`hydra.utils.instantiate(node, **runtime)` with the options checked first and failures as one-line UserErrors.
+
+    Hydra wraps whatever a constructor raises (also the UserError of a bad option value) in a multi-line
+    InstantiationException; the UserError is passed on as it is, anything else becomes one.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    check_options(node, group)
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+        raise UserError(f"{group}={node.get('name')} cannot be built ({reason.splitlines()[0]}); check its options "
+                        f"(robustft --cfg job {group}={node.get('name')} prints them)") from e
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The run's method from `cfg.method`, wrapped by `cfg.selector` when that has a class (selector=rose)."""
+    method = instantiate_method(cfg.method, "method")
+    selector = cfg.get("selector")
+    if selector is not None and selector.get("_target_"):
+        method = instantiate_method(selector, "selector", inner=method)
+    elif selector is not None:
+        check_options(selector, "selector")  # selector=none: only its name
+    return method

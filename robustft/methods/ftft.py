@@ -9,9 +9,8 @@ main model is fine-tuned on that subset only.
   model trains on the subset with the usual schedule.
 - `method=ftft`: the reference is a cheaper model (default: minilm truncated to 2 layers; any model
   config, e.g. `glove_bow`, or a hub model online), and the main model uses aggressive early stopping:
-  evaluation every `eval_interval` steps with patience `early_stopping_patience` (2, as the paper),
-  keeping the best checkpoint. conf/trainer/default.yaml takes these two as the defaults of
-  `trainer.eval_every` / `trainer.early_stopping_patience`, so explicit trainer overrides still win.
+  evaluation every 50 steps with patience 2 (as the paper), keeping the best checkpoint. conf/method/ftft.yaml
+  sets these as `trainer.eval_every` / `trainer.early_stopping_patience`, so explicit trainer overrides win.
 
 The reference run is a *stage* (robustft/stages.py): the method declares it (`stages()`), the runner runs
 it and hands back its folder. It is cached under `reference.cache_dir/<key>`, a normal run directory
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from robustft.cartography import RULES, STATS_FILE, compute_stats, read_dynamics, select
 from robustft.errors import UserError
@@ -46,19 +45,22 @@ log = logging.getLogger("robustft")
 class DataMapMethod(Method):
     """Fine-tune on the subset of the training data selected by a reference model's data map."""
 
-    def __init__(self, name: str = "ftft", selection: str = "ambiguous", fraction: float = 0.33,
-                 variability_ddof: int = 0, burn_out: int | None = None, eval_interval: Any = "epoch",
-                 early_stopping_patience: int = 0, reference: Any = None, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, *, name: str, selection: str, fraction: float, variability_ddof: int, burn_out: int | None,
+                 reference: DictConfig | dict[str, Any]) -> None:
+        super().__init__(name)
         if selection not in RULES:
             raise UserError(f"method.selection={selection} is unknown; choose one of {', '.join(RULES)}")
         if not 0 < float(fraction) <= 1:
             raise UserError(f"method.fraction={fraction} must be in (0, 1], e.g. 0.33")
+        # reference is a free-form node in the YAML: its keys are checked here (model_overrides stays free)
+        takes = {"model", "model_overrides", "trainer", "seed", "reuse", "cache_dir"}
+        if set(reference) != takes:
+            wrong = sorted(set(reference) ^ takes)
+            raise UserError(f"method.reference: {'unknown' if wrong[0] in reference else 'missing'} option "
+                            f"'method.reference.{wrong[0]}'; it takes {', '.join(sorted(takes))}")
         self.selection, self.fraction = selection, float(fraction)
         self.ddof, self.burn_out = int(variability_ddof), burn_out
-        # eval_interval / early_stopping_patience reach the loop through conf/trainer/default.yaml
-        self.eval_interval, self.early_stopping_patience = eval_interval, early_stopping_patience
-        self.reference = OmegaConf.create(reference if reference is not None else {})
+        self.reference = OmegaConf.create(reference)
         self.ref_result: StageResult | None = None
         self._files: dict[str, Any] = {}
         self._info: dict[str, Any] = {}

@@ -6,7 +6,7 @@ z_i = W h_i + b, the matching matrix M = row-softmax(Z Z^T / temperature) is for
 against y_i. Labels never enter M. Early in training other-label rows of M act as perturbation, later
 the weight moves to same-label instances (interpolation); the logged statistics show that shift.
 
-Projection (`projection=head`, the default): the hidden x hidden dense layer that the model's own
+Projection (`projection: head`, as the YAML sets it): the hidden x hidden dense layer that the model's own
 sequence-classification head already applies to the first-token vector, i.e. BERT's `pooler.dense`
 (pretrained, as in BERT fine-tuning, used by minilm and bert), RoBERTa's `classifier.dense` and
 DeBERTa-v2's `pooler.dense`. Matching sits between that dense layer and the head's activation, exactly
@@ -20,9 +20,10 @@ Departures (see also the comments in the code):
 - Dropout: the head's own dropout before the dense layer (RoBERTa, DeBERTa-v2) is kept, so the path
   equals the HF forward; the snippet shows no dropout before `self.dense`, and what follows
   `match_rep` (activation, dropout, classifier) is not shown there: we use the model's own head.
-- Evaluation: matching is off by default (`eval_matching=false`), so a prediction does not depend on the
+- Evaluation: matching is off (`eval_matching: false` in the YAML), so a prediction does not depend on the
   rest of the batch; the official code (only a snippet is public) does not say what it does at test time.
-- `temperature`: the snippet divides by an unspecified `temp`; the default 1.0 is the plain softmax.
+- `temperature`: the snippet divides by an unspecified `temp`; 1.0 would be the plain softmax, which
+  measured near-uniform matching on minilm: conf/method/match_tuning.yaml sets 0.1 (numbers there).
 """
 
 from __future__ import annotations
@@ -100,9 +101,8 @@ def matching_stats(m: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor
 class MatchTuning(Method):
     """Match-Tuning: in-batch matching of projected [CLS] vectors before the classifier (training only)."""
 
-    def __init__(self, name: str = "match_tuning", temperature: float = 1.0, eval_matching: bool = False,
-                 projection: str = "head", **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, *, name: str, temperature: float, eval_matching: bool, projection: str) -> None:
+        super().__init__(name)
         if float(temperature) <= 0:
             raise UserError(f"method.temperature={temperature} must be > 0")
         if projection not in ("head", "none"):

@@ -43,7 +43,8 @@ Departures from the official code, all commented where they happen:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -159,12 +160,21 @@ class MaskedAdamW(torch.optim.Optimizer):
                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-class Rose(Selector):
-    """ROSE selection around an inner method (vanilla by default)."""
+@dataclass(frozen=True)
+class Eligible:
+    """The tensors ROSE may freeze: names containing every `contains` and none of the `excludes` substrings."""
 
-    def __init__(self, name: str = "rose", variant: str = "first", lower: float = 0.0, upper: float = 70.0,
-                 gamma: float = 0.5, adam_beta2: float | None = 0.98, adam_eps: float | None = 1e-6,
-                 eligible: Any = None, start_step: int = 0, inner: Method | None = None, **options: Any) -> None:
+    contains: Sequence[str]
+    excludes: Sequence[str]
+
+
+class Rose(Selector):
+    """ROSE selection around an inner method: the runner's `inner` (selector=rose), or vanilla (method=rose)."""
+
+
+    def __init__(self, *, name: str, variant: str, lower: float, upper: float, gamma: float,
+                 adam_beta2: float | None, adam_eps: float | None, eligible: Eligible | Mapping[str, Sequence[str]],
+                 start_step: int, inner: Method | None = None) -> None:
         if variant not in VARIANTS:
             raise UserError(f"rose variant={variant!r}: choose one of {', '.join(VARIANTS)}")
         if not 0.0 <= float(lower) <= float(upper) <= 100.0:
@@ -173,14 +183,13 @@ class Rose(Selector):
             raise UserError(f"rose gamma={gamma} must be in [0, 1]")
         if isinstance(inner, Rose):
             raise UserError("ROSE is already the method (method=rose); use selector=none, or another method with selector=rose")
-        super().__init__(name if inner is None else f"{inner.name}+{name}", **options)
-        self.inner = inner if inner is not None else Vanilla()
+        super().__init__(name if inner is None else f"{inner.name}+{name}")
+        self.inner = inner if inner is not None else Vanilla(name="vanilla")
         self.variant, self.lower, self.upper, self.gamma = variant, float(lower), float(upper), float(gamma)
         self.adam_beta2 = None if adam_beta2 is None else float(adam_beta2)
         self.adam_eps = None if adam_eps is None else float(adam_eps)
-        rule = dict(eligible or {})
-        self.contains = list(rule.get("contains", ["layer", "weight"]))
-        self.excludes = list(rule.get("excludes", []))
+        rule = eligible if isinstance(eligible, Eligible) else Eligible(**eligible)
+        self.contains, self.excludes = list(rule.contains), list(rule.excludes)
         self.start_step = int(start_step)
         self.eligible: list[nn.Parameter] = []
         self.eligible_names: list[str] = []

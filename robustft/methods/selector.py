@@ -32,6 +32,7 @@ class Selector(Method):
     """Delegates every hook to the wrapped method `self.inner`."""
 
     inner: Method
+    runtime_args = frozenset({"inner"})  # the runner passes the wrapped method; no YAML sets it
 
     # --- set-up hooks -------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:

@@ -60,11 +60,8 @@ class WeightMixup(Method):
     """Attention-guided weight mixup (see the package docstring); options as in its YAML."""
 
     def __init__(self, *, name: str, complement: str, init_std: float, train_size: int, folds: int,
-                 average_weights: bool, stage1: Any, inner: Any, outer: Any, fd: Any, stage2: Any,
-                 **unknown: Any) -> None:
-        if unknown:
-            raise UserError(f"method=weight_mixup has unknown option(s) {sorted(unknown)}; known: name, complement, "
-                            f"init_std, train_size, folds, average_weights, {', '.join(GROUPS)}")
+                 average_weights: bool, stage1: Any, inner: Any, outer: Any, fd: Any, stage2: Any) -> None:
+        # unknown top-level options never get here: robustft.methods.base.check_options rejects them first
         super().__init__(name)
         if complement not in COMPLEMENTS:
             raise UserError(f"method.complement={complement!r}; use one of {', '.join(COMPLEMENTS)}")

@@ -24,7 +24,8 @@ Args:
     average (`str` or None): 'binary' (default), 'micro', 'macro', 'weighted', or None for per-class scores.
     sample_weight (`list` of `float`): Sample weights. Defaults to None.
     zero_division (`"warn"`, 0.0, 1.0 or nan): Value returned when precision or recall is undefined
-        (e.g. no positive predictions). "warn" (default) returns 0.0 and emits a warning.
+        (e.g. no positive predictions). Defaults to 0.0: the value of sklearn's and HF's default "warn",
+        without a warning at every evaluation of an early checkpoint that never predicts the positive class.
 
 Returns:
     f1 (`float`, or an array of per-class floats when `average=None`): in [0, 1]; higher is better.
@@ -76,7 +77,7 @@ class F1(evaluate.Metric):
         pos_label=1,
         average="binary",
         sample_weight=None,
-        zero_division="warn",
+        zero_division=0.0,
     ):
         score = f1_score(
             references,

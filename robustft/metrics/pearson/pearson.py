@@ -1,7 +1,9 @@
 """Pearson correlation coefficient, one of the two GLUE metrics for STS-B.
 
 An offline copy of the Hugging Face `pearsonr` metric (``evaluate.load("pearsonr")`` needs the Hub);
-the computation is delegated to :func:`scipy.stats.pearsonr`.
+the computation is delegated to :func:`scipy.stats.pearsonr`. Named `pearson`, the key GLUE reports
+(HF's `glue` metric and run_glue.py: `pearson`, `spearmanr`), since a robustft metric module returns its
+own name as the key. SciPy is called as pearsonr(predictions, references), the order HF's `glue` uses.
 """
 
 import datasets
@@ -22,12 +24,12 @@ Args:
     return_pvalue (`bool`): If True, also return the two-sided p-value. Defaults to False.
 
 Returns:
-    pearsonr (`float`): in [-1, 1]; higher is better.
+    pearson (`float`): in [-1, 1]; higher is better.
     p-value (`float`): only when `return_pvalue=True`.
 
 Examples:
-    >>> pearson = evaluate.load("robustft/metrics/pearsonr")
-    >>> round(pearson.compute(predictions=[10, 9, 2.5, 6, 4], references=[1, 2, 3, 4, 5])["pearsonr"], 2)
+    >>> pearson = evaluate.load("robustft/metrics/pearson")
+    >>> round(pearson.compute(predictions=[10, 9, 2.5, 6, 4], references=[1, 2, 3, 4, 5])["pearson"], 2)
     -0.74
 """
 
@@ -44,7 +46,7 @@ _CITATION = """\
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Pearsonr(evaluate.Metric):
+class Pearson(evaluate.Metric):
     """Pearson's r via SciPy, shipped with robustft so that it loads without network access."""
 
     def _info(self):
@@ -61,7 +63,7 @@ class Pearsonr(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, return_pvalue=False):
-        result = pearsonr(np.asarray(references, dtype=np.float64), np.asarray(predictions, dtype=np.float64))
+        result = pearsonr(np.asarray(predictions, dtype=np.float64), np.asarray(references, dtype=np.float64))
         if return_pvalue:
-            return {"pearsonr": float(result[0]), "p-value": float(result[1])}
-        return {"pearsonr": float(result[0])}
+            return {"pearson": float(result[0]), "p-value": float(result[1])}
+        return {"pearson": float(result[0])}
