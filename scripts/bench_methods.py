@@ -44,6 +44,9 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "rose_second": (["method=rose", "method.variant=second"], 1.15),
     "rose_ensemble": (["method=rose", "method.variant=ensemble"], 3.3),
     "match_tuning+rose_ensemble": (["method=match_tuning", "selector=rose", "selector.variant=ensemble"], 3.3 * 1.05),
+    "r_drop": (["method=r_drop"], 2.05),
+    "mixout": (["method=mixout"], 1.3),
+    "rec_adam": (["method=rec_adam"], 1.05),
 }
 
 
