@@ -229,7 +229,8 @@ def test_unknown_modules_are_user_errors(overrides):
 
 
 def test_rose_selects_among_the_adapter_factors():
-    method = Rose(inner=lora(), variant="second")
+    options = OmegaConf.to_container(make_cfg(["selector=rose", "selector.variant=second"]).selector)
+    method = Rose(**{k: v for k, v in options.items() if k != "_target_"}, inner=lora())
     model = method.setup(tiny_model("roberta"), ctx())
     method.configure_optimizer(model, ctx().trainer)
     assert len(method.eligible_names) == 8 and all(".lora_" in n for n in method.eligible_names)
