@@ -285,12 +285,16 @@ def unsupported(precision: str) -> str | None:
     bf16 autocast needs CUDA with bf16 or a CPU with AVX512-BF16/AMX (robustft.runtime.autocast_dtype);
     e.g. AMD EPYC CPUs without AVX512 have neither, and an arm there would raise or silently run fp32.
     """
+    from robustft.errors import UserError
     from robustft.runtime import autocast_dtype
 
     device = bench_device()
-    if precision == "bf16" and autocast_dtype(device, "bf16") is None:
+    if precision != "bf16":
+        return None
+    try:  # the runner's check: an error (or, before it, None) where the device has no bf16
+        return None if autocast_dtype(device, "bf16") is not None else "bf16 not supported"
+    except UserError:
         return f"bf16 not supported on this {'GPU' if device.type == 'cuda' else 'CPU'}"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -207,7 +207,9 @@ def test_tasks_without_a_dev_file_still_carve_it_from_all_of_train(tmp_path):
     task = OmegaConf.merge(task, {"dev_size": 50, "max_train_samples": 20})
     ds = load_task(task, str(tmp_path), seed=3)
     spec = OmegaConf.to_container(task.local.train)
-    parts = Dataset.from_dict(read_glue_tsv(folder / "train.tsv", spec, task)).train_test_split(test_size=50, seed=3)
+    split_seed = int(task.split_seed)  # the dev carve uses the task's split seed, the cap the run seed
+    parts = Dataset.from_dict(read_glue_tsv(folder / "train.tsv", spec, task)).train_test_split(test_size=50,
+                                                                                               seed=split_seed)
     assert ds["validation"]["idx"] == parts["test"]["idx"]
     assert ds["train"]["idx"] == parts["train"].shuffle(seed=3).select(range(20))["idx"]
 
