@@ -63,10 +63,14 @@ def _name(run: dict[str, Any], key: str) -> str | None:
 
 
 def run_label(run: dict[str, Any], label_by: Sequence[str] = (), with_model: bool = False) -> str:
-    """`match_tuning+rose` (method + selector unless none), `model:` when models differ, `[k=v]` extras."""
-    label = _name(run, "method.name") or "?"
+    """`match_tuning+rose` (method + selector unless none), `model:` when models differ, `[k=v]` extras.
+
+    A run's `tag` replaces method+selector: the arms of an experiment recipe (conf/arm/*.yaml) tag their
+    runs (e.g. rose_first, rose_second) because several arms share one method.
+    """
+    label = _name(run, "tag") or _name(run, "method.name") or "?"
     selector = _name(run, "selector.name")
-    if selector and selector != "none":
+    if selector and selector != "none" and not _name(run, "tag"):
         label += f"+{selector}"
     if with_model:
         label = f"{_name(run, 'model.name') or '?'}:{label}"
