@@ -108,3 +108,13 @@ def test_minilm_recipe_trains_two_steps(experiment: str, tmp_path) -> None:
     assert 0.0 <= metrics["validation/accuracy"] <= 1.0
     robust = [k for k in metrics if k.startswith(("advglue/", "ood/", "textfooler/"))]
     assert robust and all(not math.isnan(metrics[k]) for k in robust if k.endswith("accuracy"))
+
+
+def test_preflight_accepts_an_arm_on_the_command_line(tmp_path, monkeypatch) -> None:
+    """`+arm=...` (an appended config group) passes the CLI pre-flight as Hydra takes it; a bad arm fails."""
+    from robustft import cli
+
+    monkeypatch.chdir(tmp_path)
+    cli.preflight(["experiment=rose_emnlp22_minilm", "+arm=rose_emnlp22_first", "task=rte"], multirun=False)
+    with pytest.raises(SystemExit):
+        cli.preflight(["experiment=rose_emnlp22_minilm", "+arm=rose_nope"], multirun=False)

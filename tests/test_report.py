@@ -218,3 +218,17 @@ def test_report_without_baseline_warns(tree: Path, tmp_path: Path) -> None:
     assert not card.comparisons and any("no vanilla runs" in w for w in card.warnings)
     card = build(runs, baseline="rose", baseline_required=True)
     assert set(card.comparisons) == {"match_tuning+rose"}
+
+
+def test_rows_are_named_by_tag(tmp_path: Path) -> None:
+    """Arms of an experiment recipe share a method (rose) and tag their runs: the tag names the row."""
+    root = tmp_path / "runs"
+    for tag, method in (("vanilla", "vanilla"), ("rose_first", "rose"), ("rose_second", "rose")):
+        for seed in (1, 2):
+            write_run(root / tag / str(seed), task="rte", method=method, selector="none", seed=seed,
+                      metrics=run_metrics(method, "none", 0.7 + 0.01 * seed, seed))
+            cfg_path = root / tag / str(seed) / ".hydra" / "config.yaml"
+            cfg_path.write_text(yaml.safe_dump({**yaml.safe_load(cfg_path.read_text()), "tag": tag}))
+    card = build(load_runs(root))
+    assert card.labels == ["vanilla", "rose_first", "rose_second"] and not card.warnings[1:]
+    assert set(card.comparisons) == {"rose_first", "rose_second"}
