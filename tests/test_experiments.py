@@ -66,11 +66,11 @@ def test_recipe_composes_and_its_grid_parses(experiment: str) -> None:
 
 
 def test_rose_arms_take_the_readme_thresholds() -> None:
-    cfg = make_cfg(["experiment=rose_emnlp22", "+arm=rose_emnlp22_second", "task=sst2"])
+    cfg = make_cfg(["experiment=rose_emnlp22", "arm=rose_emnlp22_second", "task=sst2"])
     assert (cfg.method.name, cfg.method.variant, cfg.method.upper, cfg.trainer.lr) == ("rose", "second", 30.0, 1e-4)
-    cfg = make_cfg(["experiment=rose_emnlp22", "+arm=rose_emnlp22_first", "task=rte"])
+    cfg = make_cfg(["experiment=rose_emnlp22", "arm=rose_emnlp22_first", "task=rte"])
     assert (cfg.method.upper, cfg.trainer.lr, cfg.trainer.epochs, cfg.tag) == (80.0, 4e-5, 10, "rose_first")
-    cfg = make_cfg(["experiment=rose_emnlp22_minilm", "+arm=rose_emnlp22_ensemble", "task=rte"])
+    cfg = make_cfg(["experiment=rose_emnlp22_minilm", "arm=rose_emnlp22_ensemble", "task=rte"])
     assert (cfg.model.name, cfg.method.upper, cfg.trainer.lr) == ("minilm", 80.0, 1e-4)
 
 
@@ -78,7 +78,7 @@ def test_hub_models_fail_in_one_line_offline(tmp_path, monkeypatch) -> None:
     from robustft.errors import UserError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = make_cfg(["experiment=weight_mixup_naacl24", "+arm=weight_mixup_naacl24_vanilla", "trainer.max_steps=1",
+    cfg = make_cfg(["experiment=weight_mixup_naacl24", "arm=weight_mixup_naacl24_vanilla", "trainer.max_steps=1",
                     "task.max_train_samples=16"])
     with pytest.raises(UserError) as err:
         fit(cfg, RunDir(tmp_path / "run"))
@@ -87,11 +87,11 @@ def test_hub_models_fail_in_one_line_offline(tmp_path, monkeypatch) -> None:
 
 # arm (the paper's method) of each minilm recipe, and the options that keep a two-step run small
 TWO_STEPS = {
-    "rose_emnlp22_minilm": ["+arm=rose_emnlp22_first", "task=rte"],
+    "rose_emnlp22_minilm": ["arm=rose_emnlp22_first", "task=rte"],
     "match_tuning_ijcai22_minilm": ["method=match_tuning", "task=rte", "robustness.textfooler.num_examples=4"],
-    "weight_mixup_naacl24_minilm": ["+arm=weight_mixup_naacl24", "task=rte", "stress.low_resource.n=32",
+    "weight_mixup_naacl24_minilm": ["arm=weight_mixup_naacl24", "task=rte", "stress.low_resource.n=32",
                                     "method.folds=2", "method.stage1.epochs=1"],
-    "ftft_coling25_minilm": ["+arm=ftft_coling25_minilm_l2", "robustness.ood.max_examples=16",
+    "ftft_coling25_minilm": ["arm=ftft_coling25_minilm_l2", "robustness.ood.max_examples=16",
                              "method.reference.model=tiny_random", "method.reference.model_overrides={}"],
 }
 
@@ -111,10 +111,11 @@ def test_minilm_recipe_trains_two_steps(experiment: str, tmp_path) -> None:
 
 
 def test_preflight_accepts_an_arm_on_the_command_line(tmp_path, monkeypatch) -> None:
-    """`+arm=...` (an appended config group) passes the CLI pre-flight as Hydra takes it; a bad arm fails."""
+    """`arm=...` passes the CLI pre-flight; an unknown arm fails there in one line; `+key=` stays `+key=`."""
     from robustft import cli
 
     monkeypatch.chdir(tmp_path)
-    cli.preflight(["experiment=rose_emnlp22_minilm", "+arm=rose_emnlp22_first", "task=rte"], multirun=False)
+    cli.preflight(["experiment=rose_emnlp22_minilm", "arm=rose_emnlp22_first", "task=rte"], multirun=False)
+    cli.preflight(["+trainer.interrupt_at_step=5"], multirun=False)
     with pytest.raises(SystemExit):
-        cli.preflight(["experiment=rose_emnlp22_minilm", "+arm=rose_nope"], multirun=False)
+        cli.preflight(["experiment=rose_emnlp22_minilm", "arm=rose_nope"], multirun=False)

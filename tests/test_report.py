@@ -232,3 +232,37 @@ def test_rows_are_named_by_tag(tmp_path: Path) -> None:
     card = build(load_runs(root))
     assert card.labels == ["vanilla", "rose_first", "rose_second"] and not card.warnings[1:]
     assert set(card.comparisons) == {"rose_first", "rose_second"}
+
+
+def test_console_script_is_declared() -> None:
+    import importlib
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    target = pyproject["project"]["scripts"]["robustft-report"]
+    module, _, func = target.partition(":")
+    assert getattr(importlib.import_module(module), func) is cli.main
+
+
+def test_label_by_pairs_each_row_with_the_baseline_of_its_group(tmp_path: Path) -> None:
+    """--label-by stress.low_resource.n: weight_mixup at N is compared with vanilla at the same N."""
+    root = tmp_path / "runs"
+    for n, shift in ((300, 0.0), (1000, 0.1)):
+        for method, gain in (("vanilla", 0.0), ("weight_mixup", 0.02)):
+            for seed in (1, 2, 3):
+                path = root / f"{method}-{n}" / str(seed)
+                write_run(path, task="rte", method=method, selector="none", seed=seed,
+                          metrics=run_metrics(method, "none", 0.6 + shift + gain + 0.001 * seed * seed, seed))
+                cfg_path = path / ".hydra" / "config.yaml"
+                cfg_path.write_text(yaml.safe_dump({**yaml.safe_load(cfg_path.read_text()),
+                                                    "stress": {"name": "low_resource", "low_resource": {"n": n}}}))
+    card = build(load_runs(root), label_by=["stress.low_resource.n"])
+    key = "[stress.low_resource.n={}]"
+    assert card.labels == [f"vanilla{key.format(300)}", f"weight_mixup{key.format(300)}",
+                           f"vanilla{key.format(1000)}", f"weight_mixup{key.format(1000)}"]
+    clean = card.columns[0]
+    for n in (300, 1000):
+        comp = card.comparisons[f"weight_mixup{key.format(n)}"][clean.key]
+        assert comp.n == 3 and comp.diff == pytest.approx(0.02)  # not 0.02 +- 0.1 across groups
+    assert card.relative_cost[f"weight_mixup{key.format(1000)}"]["rte"] == pytest.approx(1.0)

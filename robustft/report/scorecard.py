@@ -45,6 +45,7 @@ class Scorecard:
     columns: list[Column]
     values: dict[str, dict[str, dict[tuple[str, Any], float]]]
     baseline: str | None
+    baseline_of: dict[str, str] = field(default_factory=dict)  # row -> its baseline row (same --label-by values)
     comparisons: dict[str, dict[str, Comparison]] = field(default_factory=dict)
     relative_cost: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> task -> ratio
     warnings: list[str] = field(default_factory=list)
@@ -63,7 +64,12 @@ def _name(run: dict[str, Any], key: str) -> str | None:
 
 
 def run_label(run: dict[str, Any], label_by: Sequence[str] = (), with_model: bool = False) -> str:
-    """`match_tuning+rose` (method + selector unless none), `model:` when models differ, `[k=v]` extras.
+    """Name + suffix of `label_parts`: `match_tuning+rose`, `vanilla[stress.low_resource.n=300]`."""
+    return "".join(label_parts(run, label_by, with_model))
+
+
+def label_parts(run: dict[str, Any], label_by: Sequence[str] = (), with_model: bool = False) -> tuple[str, str]:
+    """(`match_tuning+rose` (method + selector unless none), `model:` when models differ, `[k=v]` extras.
 
     A run's `tag` replaces method+selector: the arms of an experiment recipe (conf/arm/*.yaml) tag their
     runs (e.g. rose_first, rose_second) because several arms share one method.
@@ -74,9 +80,8 @@ def run_label(run: dict[str, Any], label_by: Sequence[str] = (), with_model: boo
         label += f"+{selector}"
     if with_model:
         label = f"{_name(run, 'model.name') or '?'}:{label}"
-    if label_by:
-        label += "[" + ",".join(f"{k}={lookup(run, k)}" for k in label_by) + "]"
-    return label
+    suffix = "[" + ",".join(f"{k}={lookup(run, k)}" for k in label_by) + "]" if label_by else ""
+    return label, suffix
 
 
 def _main_metric(run: dict[str, Any]) -> str | None:
@@ -149,22 +154,26 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     if not runs:
         raise ReportError("no completed runs to report")
     with_model = len({_name(r, "model.name") for r in runs}) > 1
-    label_of = {i: run_label(r, label_by, with_model) for i, r in enumerate(runs)}
-    labels = sorted(set(label_of.values()), key=lambda lab: (lab != baseline, lab))
+    parts = {i: label_parts(r, label_by, with_model) for i, r in enumerate(runs)}
+    label_of = {i: name + suffix for i, (name, suffix) in parts.items()}
+    # rows by --label-by values, the baseline first within each; a row's baseline shares its values
+    labels = sorted(set(label_of.values()), key=lambda lab: _row_key(lab, parts, baseline))
+    baseline_of = {name + suffix: baseline + suffix for name, suffix in parts.values()
+                   if baseline and name != baseline and baseline + suffix in label_of.values()}
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_task[_name(r, "task.name") or "?"].append(r)
     tasks = sorted(by_task)
     columns = [c for t in tasks for c in _task_columns(t, by_task[t])]
     values, warns = _collect_values(runs, labels, columns, label_of)
-    if baseline not in labels:
+    if not any(name == baseline for name, _ in parts.values()):
         if baseline_required:
             raise ReportError(f"--baseline {baseline} is not a row of the report (rows: {', '.join(labels)}); "
                               "pass one of them")
         warns.append(f"no {baseline} runs: no paired comparisons or relative cost (choose a row with --baseline)")
         baseline = None
-    card = Scorecard(labels, columns, {lab: dict(v) for lab, v in values.items()}, baseline, warnings=warns,
-                     n_runs=len(runs))
+    card = Scorecard(labels, columns, {lab: dict(v) for lab, v in values.items()}, baseline, baseline_of,
+                     warnings=warns, n_runs=len(runs))
     _pooled_advglue(card, tasks)
     if baseline:
         _compare_all(card)
@@ -175,29 +184,36 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
 
 def _compare_all(card: Scorecard) -> None:
     """Every method vs the baseline per column; Holm over the methods of each column (p of the t-test)."""
-    others = [lab for lab in card.labels if lab != card.baseline]
     for col in card.columns:
-        comps = {lab: compare(card.cell(lab, col), card.cell(card.baseline, col)) for lab in others
-                 if card.cell(lab, col) and card.cell(card.baseline, col)}
+        comps = {lab: compare(card.cell(lab, col), card.cell(base, col)) for lab, base in card.baseline_of.items()
+                 if card.cell(lab, col) and card.cell(base, col)}
         for lab, p in zip(comps, holm([c.p_t for c in comps.values()])):
             comps[lab].p_holm = p
             card.comparisons.setdefault(lab, {})[col.key] = comps[lab]
 
 
 def _relative_cost(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str], tasks: list[str]) -> None:
-    """Mean cost/total_flops of each row per task over the baseline's (cost columns, e.g. `0.40x`)."""
+    """Mean cost/total_flops of each row per task over its baseline row's (cost columns, e.g. `0.40x`)."""
     costs: dict[tuple[str, str], list[float]] = defaultdict(list)
     for i, r in enumerate(runs):
         if COST_KEY in r["metrics"]:
             costs[(label_of[i], _name(r, "task.name") or "?")].append(r["metrics"][COST_KEY])
+    base_rows = set(card.baseline_of.values()) | ({card.baseline} & set(card.labels))
     for task in tasks:
-        base = costs.get((card.baseline, task))
-        if not base:
-            continue
         for lab in card.labels:
-            if costs.get((lab, task)):
+            base = costs.get((lab if lab in base_rows else card.baseline_of.get(lab, ""), task))
+            if base and costs.get((lab, task)):
                 card.relative_cost.setdefault(lab, {})[task] = float(np.mean(costs[(lab, task)]) / np.mean(base))
-        card.columns.append(Column(f"{task}|{COST_KEY}", f"{task} cost", task, COST_KEY, "cost"))
+        if any(task in card.relative_cost.get(lab, {}) for lab in card.labels):
+            card.columns.append(Column(f"{task}|{COST_KEY}", f"{task} cost", task, COST_KEY, "cost"))
+
+
+def _row_key(label: str, parts: dict[int, tuple[str, str]], baseline: str | None) -> tuple:
+    """Rows grouped by their --label-by values (numbers in numeric order), the baseline first in each."""
+    name, suffix = next(p for p in parts.values() if p[0] + p[1] == label)
+    natural = tuple((0, float(tok), "") if re.fullmatch(r"\d+(\.\d+)?", tok) else (1, 0.0, tok)
+                    for tok in re.split(r"(\d+(?:\.\d+)?)", suffix))
+    return natural, name != baseline, name
 
 
 # ---------------------------------------------------------------------------------------------- warnings
