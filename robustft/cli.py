@@ -97,7 +97,7 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     # One composition with every override's first value, plus one per other swept value.
     parsed = [o for o in parsed if values(o) is not None]
     choices = [values(o) for o in parsed]
-    keys = [("+" if o.is_add() else "") + o.get_key_element() for o in parsed]
+    keys = [o.get_key_element() for o in parsed]  # keeps the +/++/~ prefix: `+arm=x` stays `+arm=x`
     base = [f"{k}={vals[0]}" for k, vals in zip(keys, choices, strict=False)]
     variants = [base] + [base[:i] + [f"{keys[i]}={v}"] + base[i + 1 :] for i, vals in enumerate(choices) for v in vals[1:]]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -33,7 +33,12 @@ def load_tokenizer(model_cfg: DictConfig, ckpt_path: str | None = None):
 
         return glove_tokenizer(vectors_module(model_cfg.pretrained))
     source = ckpt_path or resolve_pretrained(model_cfg.pretrained)
-    return AutoTokenizer.from_pretrained(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as e:  # a hub model offline fails here first: the same one line as _load_model
+        raise UserError(
+            f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder"
+        ) from None
 
 
 def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = None) -> PreTrainedModel:

@@ -1,0 +1,87 @@
+"""`robustft-report RUN_OR_SWEEP_DIR ... [--out report] [--baseline vanilla]`: one scorecard of many runs.
+
+Reads every run (a folder with run_info.json) under the given folders, leaves out runs that are not
+completed (with a warning), and writes report.md, report.csv, report.tex and report.png into --out.
+Bad input -> one line `robustft-report: error: <problem>; <fix>` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "robustft-report"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="One scorecard of robustft runs: clean dev score, AdvGLUE, attacks and OOD sets per task, "
+                    "cost, and paired statistics of each method against a baseline over shared seeds.",
+        epilog="Example: robustft-report multirun/2026-01-01_10-00-00 multirun/2026-01-02_09-00-00 --out report",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="DIR",
+                        help="run or sweep folders (searched recursively for run_info.json)")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="folder for report.md/.csv/.tex/.png (default: %(default)s in the current folder)")
+    parser.add_argument("--baseline", default=None,
+                        help="row every method is compared with (default: vanilla, when present)")
+    parser.add_argument("--label-by", nargs="+", default=[], metavar="KEY",
+                        help="config keys added to the row label, e.g. method.upper trainer.lr "
+                             "(to separate runs of one method with different options)")
+    return parser
+
+
+def report(args: argparse.Namespace) -> Path:
+    """Load, build, print and write; raises ReportError on bad input. Returns the output folder."""
+    from robustft.report import render
+    from robustft.report.collect import ReportError, load_runs
+    from robustft.report.scorecard import build, run_warnings
+
+    all_runs = []
+    for path in args.paths:
+        if not path.is_dir():
+            raise ReportError(f"{path} is not a folder; pass run or sweep folders (e.g. multirun/<timestamp>)")
+        found = load_runs(path, include_incomplete=True)
+        if not found:
+            raise ReportError(f"no runs (run_info.json files) under {path}; pass the folder of a run or a sweep")
+        all_runs += found
+    seen, unique = set(), []
+    for run in all_runs:  # overlapping arguments (a sweep and one of its runs) count each run once
+        if run["path"].resolve() not in seen:
+            seen.add(run["path"].resolve())
+            unique.append(run)
+    runs = [r for r in unique if r["status"] == "completed"]
+    if not runs:
+        raise ReportError(f"none of the {len(unique)} runs is completed; wait for them to finish or rerun them")
+    card = build(runs, baseline=args.baseline or "vanilla", label_by=args.label_by,
+                 baseline_required=args.baseline is not None)
+    card.warnings = run_warnings(unique) + card.warnings
+    title = f"robustft report: {len(runs)} runs, {len(card.labels)} methods"
+    render.print_terminal(card, title)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(render.to_markdown(card, title))
+    render.write_csv(card, out / "report.csv")
+    (out / "report.tex").write_text(render.to_latex(card))
+    render.plot(card, out / "report.png")
+    print(f"wrote {out}/report.md, report.csv, report.tex, report.png")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from robustft.report.collect import ReportError
+
+    args = build_parser().parse_args(argv)
+    try:
+        report(args)
+    except ReportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
