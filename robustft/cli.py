@@ -57,6 +57,90 @@ def _type_of_default(default: Any, value: Any) -> str | None:
     return None
 
 
+def _sweep_values(o) -> list[str] | None:
+    """The values one parsed override takes (a sweep's several); None where only a sweeper can tell."""
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    if not o.is_sweep_override():
+        return [o.get_value_element_as_str()]
+    if isinstance(o.value(), Glob):  # glob(...) picks group options, as Hydra's sweeper does
+        key = o.get_key_element().lstrip("+~")
+        found = o.value().filter(_group_options(key))
+        if not found:
+            fail(f"{o.input_line} matches no {key} option; choose from: {', '.join(_group_options(key))}")
+        return found
+    try:
+        return [str(v) for v in o.sweep_string_iterator()]
+    except HydraException:  # interval(...) etc.: only a sweeper plugin can enumerate it; leave it to Hydra
+        return None
+
+
+def _variants(user: list[str]) -> list[list[str]]:
+    """One override list with every override's first value, plus one per other swept value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(user)
+    except HydraException as e:
+        fail(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, e.g. task=rte trainer.epochs=3")
+    parsed = [o for o in parsed if _sweep_values(o) is not None]
+    choices = [_sweep_values(o) for o in parsed]
+    keys = [o.get_key_element() for o in parsed]  # keeps the +/++/~ prefix: `+arm=x` stays `+arm=x`
+    base = [f"{k}={vals[0]}" for k, vals in zip(keys, choices, strict=False)]
+    return [base] + [base[:i] + [f"{keys[i]}={v}"] + base[i + 1 :] for i, vals in enumerate(choices) for v in vals[1:]]
+
+
+def _check_group_choices(variant: list[str]) -> None:
+    for item in variant:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in ("model", "task", "method", "trainer", "robustness") or (CONF_DIR / key).is_dir():
+            value = item.split("=", 1)[1].strip("[]")
+            for choice in filter(None, (v.strip() for v in value.split(","))):
+                if choice not in _group_options(key) and choice != "null":
+                    options = ", ".join(_group_options(key))
+                    fail(f"unknown {key} '{choice}'; choose one of: {options} (robustft --help lists every group)")
+
+
+def _compose_checked(compose: Any, variant: list[str]) -> DictConfig:
+    """Hydra's composition, its errors as one line."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        return compose("config", overrides=variant)
+    except MissingConfigException as e:
+        fail(f"{str(e).splitlines()[0]}; robustft --help lists the config groups and options")
+    except HydraException as e:
+        msg = str(e).splitlines()[0]
+        if "not in struct" in msg or "Could not override" in msg:
+            key = msg.split("'")[1] if "'" in msg else msg
+            fail(f"unknown option '{key}'; check the spelling (robustft --cfg job prints every option)")
+        fail(f"{msg}; robustft --help shows the valid options")
+
+
+def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig) -> None:
+    """Method/selector options against their classes, each override's type, then robustft.validate."""
+    from robustft.methods.base import check_options
+    from robustft.validate import validate
+
+    try:  # the method/selector keys against their classes' options (imports them, builds nothing)
+        check_options(cfg.get("method"), "method")
+        check_options(cfg.get("selector"), "selector")
+    except UserError as e:
+        fail(str(e))
+    for item in variant:
+        key, _, _ = item.lstrip("+~").partition("=")
+        default = OmegaConf.select(defaults, key, default=None)
+        expected = _type_of_default(default, OmegaConf.select(cfg, key, default=None))
+        if expected:
+            fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
+    try:
+        validate(cfg)
+    except UserError as e:
+        fail(str(e))
+
+
 def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     """Compose the config once per swept value so unknown options, groups, wrong types and bad values
     (robustft.validate) fail fast, then check that the run (or sweep) directory can be written.
@@ -67,79 +151,17 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     line with the fix, and no run directory is created. `multirun` None: whether the command line has -m.
     """
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
-    from hydra.errors import HydraException, MissingConfigException
 
-    from robustft.methods.base import check_options
-    from robustft.validate import validate
-
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(user)
-    except HydraException as e:
-        fail(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, e.g. task=rte trainer.epochs=3")
-
-    def values(o) -> list[str] | None:
-        if not o.is_sweep_override():
-            return [o.get_value_element_as_str()]
-        if isinstance(o.value(), Glob):  # glob(...) picks group options, as Hydra's sweeper does
-            key = o.get_key_element().lstrip("+~")
-            found = o.value().filter(_group_options(key))
-            if not found:
-                fail(f"{o.input_line} matches no {key} option; choose from: {', '.join(_group_options(key))}")
-            return found
-        try:
-            return [str(v) for v in o.sweep_string_iterator()]
-        except HydraException:  # interval(...) etc.: only a sweeper plugin can enumerate it; leave it to Hydra
-            return None
-
-    # One composition with every override's first value, plus one per other swept value.
-    parsed = [o for o in parsed if values(o) is not None]
-    choices = [values(o) for o in parsed]
-    keys = [o.get_key_element() for o in parsed]  # keeps the +/++/~ prefix: `+arm=x` stays `+arm=x`
-    base = [f"{k}={vals[0]}" for k, vals in zip(keys, choices, strict=False)]
-    variants = [base] + [base[:i] + [f"{keys[i]}={v}"] + base[i + 1 :] for i, vals in enumerate(choices) for v in vals[1:]]
+    variants = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        defaults = OmegaConf.to_container(compose("config"), resolve=False)
+        defaults = OmegaConf.create(OmegaConf.to_container(compose("config"), resolve=False))
         for variant in variants:
-            for item in variant:
-                key = item.split("=", 1)[0].lstrip("+~")
-                if key in ("model", "task", "method", "trainer", "robustness") or (CONF_DIR / key).is_dir():
-                    value = item.split("=", 1)[1].strip("[]")
-                    for choice in filter(None, (v.strip() for v in value.split(","))):
-                        if choice not in _group_options(key) and choice != "null":
-                            options = ", ".join(_group_options(key))
-                            fail(f"unknown {key} '{choice}'; choose one of: {options} (robustft --help lists every group)")
-            try:
-                cfg = compose("config", overrides=variant)
-            except MissingConfigException as e:
-                fail(f"{str(e).splitlines()[0]}; robustft --help lists the config groups and options")
-            except HydraException as e:
-                msg = str(e).splitlines()[0]
-                if "not in struct" in msg or "Could not override" in msg:
-                    key = msg.split("'")[1] if "'" in msg else msg
-                    fail(f"unknown option '{key}'; check the spelling (robustft --cfg job prints every option)")
-                fail(f"{msg}; robustft --help shows the valid options")
-            try:  # the method/selector keys against their classes' options (imports them, builds nothing)
-                check_options(cfg.get("method"), "method")
-                check_options(cfg.get("selector"), "selector")
-            except UserError as e:
-                fail(str(e))
-            for item in variant:
-                key, _, _ = item.lstrip("+~").partition("=")
-                default = OmegaConf.select(OmegaConf.create(defaults), key, default=None)
-                expected = _type_of_default(default, OmegaConf.select(cfg, key, default=None))
-                if expected:
-                    fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
-            try:
-                validate(cfg)
-            except UserError as e:
-                fail(str(e))
+            _check_group_choices(variant)
+            _check_values(_compose_checked(compose, variant), variant, defaults)
         hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
         if multirun is None:
             multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
-        check_output_dir(base + hydra_overrides, multirun)
+        check_output_dir(variants[0] + hydra_overrides, multirun)
 
 
 def check_output_dir(overrides: list[str], multirun: bool) -> None:
