@@ -141,17 +141,6 @@ def read_dynamics(path: str | Path, burn_out: int | None = None) -> Dynamics:
     return Dynamics(guid=guid_ref, gold=gold_ref, logits=np.stack(per_epoch, axis=1))
 
 
-def write_dynamics(folder: str | Path, epoch: int, guid, logits, gold) -> Path:
-    """Write one epoch file in cartography's format (tests and external tools; training uses dynamics.py)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"dynamics_epoch_{epoch}.jsonl"
-    with open(path, "w") as f:
-        for g, lg, y in zip(guid, logits, gold):
-            f.write(json.dumps({"guid": int(g), f"logits_epoch_{epoch}": [float(x) for x in lg], "gold": int(y)}) + "\n")
-    return path
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -202,14 +191,3 @@ def select(stats: Stats | None, rule: str, fraction: float = 0.33, seed: int = 0
            "easy_to_learn": -stats.confidence}[rule]
     order = np.lexsort((stats.guid, key))  # by key, then by guid
     return np.sort(stats.guid[order[: num_selected(fraction, len(stats))]])
-
-
-def write_stats(stats: Stats, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in stats.rows():
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-    return path
-

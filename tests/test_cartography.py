@@ -23,13 +23,24 @@ from robustft.cartography import (
     num_selected,
     read_dynamics,
     select,
-    write_dynamics,
 )
 from robustft.dynamics import TrainingDynamics
 from robustft.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import data_map  # noqa: E402
+
+
+def write_dynamics(folder: str | Path, epoch: int, guid, logits, gold) -> Path:
+    """Write one epoch file in cartography's format (a fixture; training writes through RunDir)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"dynamics_epoch_{epoch}.jsonl"
+    with open(path, "w") as f:
+        for g, lg, y in zip(guid, logits, gold):
+            f.write(json.dumps({"guid": int(g), f"logits_epoch_{epoch}": [float(x) for x in lg], "gold": int(y)}) + "\n")
+    return path
+
 
 LN3 = math.log(3.0)  # logits [0, ln 3] -> probabilities [0.25, 0.75]
 

@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
 
 import robustft.methods.child_tuning as ct
 from robustft.errors import Interrupted, UserError
@@ -21,31 +20,19 @@ from robustft.methods.vanilla import Vanilla
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
+from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+from tests.tiny_models import tiny_model as tiny
 
 RULE = {"contains": ["layer"], "excludes": []}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch: str = "bert", seed: int = 0) -> nn.Module:
-    common = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 32, "max_position_embeddings": 40, "num_labels": 2,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    if arch == "bert":
-        config = BertConfig(**common)
-    elif arch == "roberta":
-        config = RobertaConfig(**common, pad_token_id=1)
-    else:
-        config = DebertaV2Config(**common, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
-                                 share_att_key=True, norm_rel_ebd="layer_norm", max_relative_positions=-1)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").train()
+    return tiny(arch, hidden=16, intermediate=32, seed=seed)
+
+
+
+
 
 
 def batch(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:

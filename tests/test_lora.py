@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
+from transformers import AutoModelForSequenceClassification
 
 from robustft import checkpoint as ckpt
 from robustft.errors import Interrupted, UserError
@@ -23,6 +23,10 @@ from robustft.methods.rose import Rose
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
+from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+from tests.tiny_models import tiny_model as tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, HIDDEN, LABELS = 50, 8, 2
 YAML = Path(__file__).resolve().parents[1] / "robustft" / "conf" / "method" / "lora.yaml"
@@ -35,12 +39,6 @@ HEAD_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lora(**overrides) -> Lora:
@@ -52,19 +50,10 @@ def lora(**overrides) -> Lora:
     return Lora(**{**options, **overrides})
 
 
+
+
 def tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 16, "max_position_embeddings": 40, "num_labels": LABELS,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    if arch == "bert":
-        config = BertConfig(**common)
-    elif arch == "roberta":
-        config = RobertaConfig(**common, pad_token_id=1)
-    else:
-        config = DebertaV2Config(**common, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
-                                 share_att_key=True, norm_rel_ebd="layer_norm", max_relative_positions=-1)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    return tiny(arch, hidden=HIDDEN, labels=LABELS, seed=seed).eval()  # vocab 60 >= the batches' 50
 
 
 def ctx() -> TrainContext:

@@ -31,17 +31,14 @@ from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
 from tests.test_weight_mixup import batch, ctx, tiny_model
+from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("r3f", "r4f", "smart", "freelb")
 OPT = OmegaConf.create({"weight_decay": 0.01, "lr": 1e-3})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @cache

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
 
 from robustft.errors import UserError
 from robustft.methods.base import Method, TrainContext, adamw, decay_groups, model_inputs
@@ -19,25 +18,16 @@ from robustft.methods.r_drop import RDrop, rdrop_divergence
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
-
-VOCAB = 60
+from tests.tiny_models import tiny_model as tiny
+from tests.tiny_models import token_batch
 
 
 def tiny_model(arch: str, dropout: float = 0.1, seed: int = 0) -> nn.Module:
-    common = {"vocab_size": VOCAB, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 16, "max_position_embeddings": 40, "num_labels": 2,
-              "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    config = {"bert": lambda: BertConfig(**common), "roberta": lambda: RobertaConfig(**common, pad_token_id=1),
-              "deberta": lambda: DebertaV2Config(**common, relative_attention=True, position_buckets=8,
-                                                 pos_att_type=["p2c", "c2p"], max_relative_positions=-1)}[arch]()
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").train()
+    return tiny(arch, dropout=dropout, seed=seed)  # R-Drop acts on dropout: on by default here
 
 
 def batch(n: int = 6, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
+    return token_batch(n, length, seed)
 
 
 def ctx(regression: bool = False) -> TrainContext:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
 
 from robustft import checkpoint as ckpt
 from robustft.errors import UserError
@@ -18,26 +17,14 @@ from robustft.methods.rec_adam import RecAdam, RecAdamW, anneal_lambda
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
+from tests.tiny_models import tiny_model
+from tests.tiny_models import token_batch as batch
 
-VOCAB = 60
 TRAINER = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.01, "log_every": 2})
 
 
-def tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    common = {"vocab_size": VOCAB, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 16, "max_position_embeddings": 40, "num_labels": 2,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    config = {"bert": lambda: BertConfig(**common), "roberta": lambda: RobertaConfig(**common, pad_token_id=1),
-              "deberta": lambda: DebertaV2Config(**common, relative_attention=True, position_buckets=8,
-                                                 pos_att_type=["p2c", "c2p"], max_relative_positions=-1)}[arch]()
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").train()
 
 
-def batch(n: int = 6, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
 def rec_adam(**options) -> RecAdam:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 import robustft.runner
@@ -18,18 +17,13 @@ from robustft.errors import UserError
 from robustft.rundir import RunDir, trained_split
 from robustft.runner import fit
 from tests.conftest import make_cfg
+from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
 
 N_ROWS, DEV = 300, 40
 LABELS = ["entailment", "neutral", "contradiction"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards on a shared 2-core machine: a second OpenMP thread only adds spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_bundle(root, n_rows: int = N_ROWS) -> None:

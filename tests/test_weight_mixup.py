@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
+from transformers import AutoModelForSequenceClassification
 
 from robustft import checkpoint as ckpt
 from robustft.data import collate, load_task, tokenize
@@ -27,8 +27,10 @@ from robustft.predict import evaluate
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
+from tests.tiny_models import VOCAB, one_thread, tiny_model  # noqa: F401  (one_thread: module fixture)
 
-VOCAB = 60
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 YAML = Path(__file__).resolve().parents[1] / "robustft" / "conf" / "method" / "weight_mixup.yaml"
 
 
@@ -37,29 +39,8 @@ def weight_mixup(**overrides) -> WeightMixup:
     return instantiate(OmegaConf.merge(OmegaConf.load(YAML), overrides))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (on a shared 2-core machine extra threads only add sync waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def tiny_model(arch: str = "bert", dtype: torch.dtype = torch.float32, dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    common = {"vocab_size": VOCAB, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 16, "max_position_embeddings": 40, "num_labels": 2,
-              "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    if arch == "bert":
-        config = BertConfig(**common)
-    elif arch == "roberta":
-        config = RobertaConfig(**common, pad_token_id=1)
-    else:
-        config = DebertaV2Config(**common, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
-                                 share_att_key=True, norm_rel_ebd="layer_norm", max_relative_positions=-1)
-    torch.manual_seed(seed)
-    # eager attention: the exact reference needs double backward, which SDPA's CPU kernel lacks
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").to(dtype)
 
 
 def ctx(seed: int = 0, log_every: int = 1, save_every: int = 1000) -> TrainContext:
