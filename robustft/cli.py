@@ -119,8 +119,12 @@ def _compose_checked(compose: Any, variant: list[str]) -> DictConfig:
         fail(f"{msg}; robustft --help shows the valid options")
 
 
-def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig) -> None:
-    """Method/selector options against their classes, each override's type, then robustft.validate."""
+def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig, values: bool = True) -> None:
+    """Method/selector options against their classes, each override's type, then robustft.validate.
+
+    `values=False` (a sweep) leaves robustft.validate to each job (runner.fit runs it): a bad value then
+    fails its own job with one line and the sweep's other jobs still run.
+    """
     from robustft.methods.base import check_options
     from robustft.validate import validate
 
@@ -135,6 +139,8 @@ def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig) -> 
         expected = _type_of_default(default, OmegaConf.select(cfg, key, default=None))
         if expected:
             fail(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
+    if not values:
+        return
     try:
         validate(cfg)
     except UserError as e:
@@ -142,8 +148,8 @@ def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig) -> 
 
 
 def preflight(overrides: list[str], multirun: bool | None = None) -> None:
-    """Compose the config once per swept value so unknown options, groups, wrong types and bad values
-    (robustft.validate) fail fast, then check that the run (or sweep) directory can be written.
+    """Compose the config once per swept value so unknown options, groups, wrong types and (outside a
+    sweep) bad values (robustft.validate) fail fast, then check that the run (or sweep) dir can be written.
 
     Method and selector options are checked against their classes' signatures too (`+method.foo=1`).
 
@@ -152,15 +158,15 @@ def preflight(overrides: list[str], multirun: bool | None = None) -> None:
     """
     from hydra import compose, initialize_config_dir
 
+    if multirun is None:
+        multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
     variants = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         defaults = OmegaConf.create(OmegaConf.to_container(compose("config"), resolve=False))
         for variant in variants:
             _check_group_choices(variant)
-            _check_values(_compose_checked(compose, variant), variant, defaults)
+            _check_values(_compose_checked(compose, variant), variant, defaults, values=not multirun)
         hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
-        if multirun is None:
-            multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
         check_output_dir(variants[0] + hydra_overrides, multirun)
 
 
