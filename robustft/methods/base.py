@@ -13,7 +13,7 @@ The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
   per optimizer step: optimizer_step(optimizer, model) -> logs (after clipping, before scheduler)
   predict(model, batch)        -> logits     evaluation forward
   state_dict()/load_state_dict()             anything the method must carry across a resume
-  metrics(train_metrics)       -> dict       extra final metrics after training (e.g. ftft's reference cost)
+  metrics(train_metrics)       -> dict       extra final metrics after training (e.g. a ModelStage's cost)
 """
 
 from __future__ import annotations
@@ -162,8 +162,9 @@ class Method:
     def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
         """Extra metrics merged into metrics.json after training; gets the loop's train/ and cost/ metrics.
 
-        A method whose run spends training compute outside the loop (ftft's reference model) reports
-        `cost/total_flops` here; otherwise the runner sets it to `cost/train_flops`.
+        A method whose run spends training compute outside the loop in a ModelStage (weight mixup's stage 1,
+        ChildTuning-D's Fisher pass) reports `cost/total_flops` here; a RunStage's cost (FTFT's reference)
+        the runner adds itself; otherwise `cost/total_flops` is `cost/train_flops`.
         """
         return {}
 
