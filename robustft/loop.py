@@ -254,8 +254,8 @@ class Loop:
             "best/step": s.best_step,
             f"best/{self.eval_split}_{self.metric_name}": s.best_metric,
             "cost/train_tokens": s.tokens,
-            "cost/train_flops": float(self.flops_per_token * s.tokens),
+            "cost/train_flops": float(self.flops_per_token * s.tokens * self.method.flops_factor()),
         }
         self.run_dir.update(train_time_s=s.train_time_s, train_examples_per_s=out["train/examples_per_s"],
-                            steps=s.step)
+                            steps=s.step, flops_factor=self.method.flops_factor())
         return out

@@ -14,6 +14,7 @@ The runner (robustft/runner.py) and the loop (robustft/loop.py) call, in order:
   predict(model, batch)        -> logits     evaluation forward
   state_dict()/load_state_dict()             anything the method must carry across a resume
   metrics(train_metrics)       -> dict       extra final metrics after training (e.g. a ModelStage's cost)
+  flops_factor()               -> float      training compute per token relative to vanilla (cost/train_flops)
 """
 
 from __future__ import annotations
@@ -158,7 +159,19 @@ class Method:
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**model_inputs(batch)).logits
 
-    # --- final metrics ------------------------------------------------------------------------
+    # --- cost and final metrics -----------------------------------------------------------------
+    def flops_factor(self) -> float:
+        """Training FLOPs per token in units of vanilla's forward + backward (6 x non-embedding params).
+
+        The loop reports `cost/train_flops` = 6 N x tokens x this factor, so a method's extra passes show in
+        the report's cost column. Convention (Kaplan et al. 2020): a forward costs 1/3 of a unit, a backward
+        2/3 (1/3 for the activation gradients, 1/3 for the weight gradients). So R3F's second full pass
+        makes 2; a backward that needs only the input's gradient (SMART's ascent step) adds 1/3; LoRA's
+        backward forms no gradients for the frozen weights: 2/3. Bench ratios (scripts/bench_methods.py)
+        check the counts against measured time.
+        """
+        return 1.0
+
     def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
         """Extra metrics merged into metrics.json after training; gets the loop's train/ and cost/ metrics.
 

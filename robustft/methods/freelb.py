@@ -97,6 +97,9 @@ class FreeLB(PerturbationMethod):
         self.params: list[nn.Parameter] | None = None
         self.delta: torch.Tensor | None = None  # the last step's perturbation (logged; inspected by tests)
 
+    def flops_factor(self) -> float:
+        return float(self.adv_steps)  # K forward + backward passes, none on the clean input
+
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         if self.params is None:
             self.params = [p for p in model.parameters() if p.requires_grad]

@@ -108,6 +108,9 @@ class R3F(PerturbationMethod):
         z = z.uniform_(-self.eps, self.eps) if self.noise_type == "uniform" else z.normal_(0.0, self.eps)
         return z.to(like.dtype)
 
+    def flops_factor(self) -> float:
+        return 1.0 if self.r3f_lambda == 0 else 2.0  # the noised input's forward + backward
+
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         logits = self.forward(model, batch)
         regression = self.ctx.task.is_regression

@@ -69,6 +69,9 @@ class RDrop(Method):
         self.window = LogWindow(int(ctx.trainer.log_every))
         return super().setup(model, ctx)
 
+    def flops_factor(self) -> float:
+        return 2.0  # the doubled batch
+
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         n = batch["labels"].shape[0]
         doubled = {k: torch.cat([v, v]) for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == (n,)}

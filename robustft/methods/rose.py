@@ -242,6 +242,11 @@ class Rose(Selector):
         self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
         return StepOutput(ce, logits1.detach())
 
+    def flops_factor(self) -> float:
+        """First/ensemble: two forwards (2/3), the KL's gradient through both graphs (4/3) and the CE's
+        backward through both (4/3): 10/3. Second: the wrapped method's step unchanged."""
+        return self.inner.flops_factor() if self.variant == "second" else 10 / 3
+
     def masks(self, optimizer: MaskedAdamW) -> dict[str, torch.Tensor | None]:
         """This step's first-order, second-order and final masks (None = all ones)."""
         first = second = None

@@ -70,7 +70,10 @@ class Selector(Method):
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner.predict(model, batch)
 
-    # --- final metrics ------------------------------------------------------------------------
+    # --- cost and final metrics -----------------------------------------------------------------
+    def flops_factor(self) -> float:
+        return self.inner.flops_factor()
+
     def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
         return self.inner.metrics(train_metrics)
 

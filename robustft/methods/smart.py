@@ -109,6 +109,12 @@ class Smart(PerturbationMethod):
         return divergence(logits, ema.logits, self.ctx.task.is_regression)
 
     # --- hooks --------------------------------------------------------------------------------
+    def flops_factor(self) -> float:
+        """Clean pass 1; with alpha > 0: k ascent steps (forward + input-gradient backward, 2/3 each) and the
+        adversarial forward + backward (1); with mu > 0: the EMA model's forward (1/3)."""
+        adversarial = (2 * self.k / 3 + 1) if self.alpha > 0 else 0.0
+        return 1.0 + adversarial + (1 / 3 if self.mu > 0 else 0.0)
+
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         if self.params is None:
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
