@@ -1,0 +1,158 @@
+"""One run across processes: who this process is, the process group, and the few collectives robustft uses.
+
+A run is data-parallel when it starts under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)
+or as one task of a multi-task SLURM step (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master address is
+the step's first node). Otherwise `env()` says world size 1 and every helper here is a no-op that returns its
+input, so single-process runs take exactly the code path they always took.
+
+The backend is NCCL when CUDA is available, else gloo (these CPU machines test gloo; the code path is the
+same). Collectives on tensors follow the backend's device: gloo reduces CPU tensors, NCCL CUDA tensors;
+`all_reduce_sum` moves a CPU tensor to the rank's GPU for NCCL and back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read from torchrun's or SLURM's environment."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "none"  # torchrun | slurm | none
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[03-05,7],cpu1` -> `gpu03` (what `scontrol show hostnames`
+    prints first), without calling scontrol."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def env(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun's variables win; a SLURM step with more than one task is the fallback; else one process."""
+    e = os.environ if environ is None else environ
+    if int(e.get("WORLD_SIZE", "1")) > 1:
+        return DistEnv(rank=int(e["RANK"]), local_rank=int(e.get("LOCAL_RANK", "0")),
+                       world_size=int(e["WORLD_SIZE"]), master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(e.get("MASTER_PORT", "29500")), source="torchrun")
+    if int(e.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in e and "SLURM_STEP_NODELIST" in e:
+        # SLURM_STEP_NODELIST: the nodes of this srun step (the job's list may hold more)
+        port = int(e.get("MASTER_PORT", 20000 + int(e.get("SLURM_JOB_ID", "0")) % 10000))
+        return DistEnv(rank=int(e["SLURM_PROCID"]), local_rank=int(e.get("SLURM_LOCALID", "0")),
+                       world_size=int(e["SLURM_NTASKS"]),
+                       master_addr=e.get("MASTER_ADDR") or first_slurm_host(e["SLURM_STEP_NODELIST"]),
+                       master_port=port, source="slurm")
+    return DistEnv()
+
+
+def init(timeout_s: float = 1800.0) -> DistEnv:
+    """Join the job's process group (once); returns this process's `DistEnv`. No-op for one process."""
+    info = env()
+    if not info.distributed or is_initialized():
+        return info
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return info
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes the run directory."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` on every rank (pickled; for small things: a path, a decision, metrics)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `t` (a new tensor on `t`'s device); `t` itself is unchanged."""
+    if world_size() == 1:
+        return t
+    on = t.detach().clone()
+    if dist.get_backend() == "nccl" and on.device.type != "cuda":
+        on = on.cuda()
+    dist.all_reduce(on, op=dist.ReduceOp.SUM)
+    return on.to(t.device)
+
+
+def shard_bounds(n: int, world: int | None = None, at: int | None = None) -> tuple[int, int]:
+    """[start, stop) of rank `at`'s contiguous share of n items: sizes differ by at most one, lower ranks
+    take the extra ones, so gathering the shards in rank order restores the original order."""
+    world = world_size() if world is None else world
+    at = rank() if at is None else at
+    base, extra = divmod(n, world)
+    start = at * base + min(at, extra)
+    return start, start + base + (1 if at < extra else 0)
+
+
+def gather_in_order(items: Sequence[T]) -> list[T]:
+    """Concatenate every rank's `items` in rank order (the inverse of `shard_bounds`), on every rank."""
+    if world_size() == 1:
+        return list(items)
+    return [x for part in all_gather_object(list(items)) for x in part]
