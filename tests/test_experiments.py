@@ -20,10 +20,10 @@ PAPERS = ["match_tuning_ijcai22", "rose_emnlp22", "weight_mixup_naacl24", "ftft_
 RECIPES = [*PAPERS, *(f"{p}_minilm" for p in PAPERS)]
 # (runs in the grid, the model) of each recipe
 GRIDS = {
-    "rose_emnlp22": (4 * 4 * 5, "roberta_base"), "rose_emnlp22_minilm": (4 * 2 * 3, "minilm"),
-    "match_tuning_ijcai22": (4 * 3 * 5, "bert_large_cased"), "match_tuning_ijcai22_minilm": (4 * 2 * 3, "minilm"),
-    "weight_mixup_naacl24": (8 * 3 * 3 * 5, "bert_large_cased"), "weight_mixup_naacl24_minilm": (8 * 3 * 2 * 3, "minilm"),
-    "ftft_coling25": (4 * 4, "deberta_v3_large"), "ftft_coling25_minilm": (4 * 4, "minilm"),
+    "rose_emnlp22": (4 * 4 * 5, "roberta_base"), "rose_emnlp22_minilm": (4 * 1 * 5, "minilm"),
+    "match_tuning_ijcai22": (4 * 3 * 5, "bert_large_cased"), "match_tuning_ijcai22_minilm": (4 * 1 * 5, "minilm"),
+    "weight_mixup_naacl24": (8 * 3 * 3 * 5, "bert_large_cased"), "weight_mixup_naacl24_minilm": (8 * 3 * 1 * 5, "minilm"),
+    "ftft_coling25": (4 * 4, "deberta_v3_large"), "ftft_coling25_minilm": (4 * 5, "minilm"),
 }
 
 
