@@ -266,3 +266,23 @@ def test_label_by_pairs_each_row_with_the_baseline_of_its_group(tmp_path: Path) 
         comp = card.comparisons[f"weight_mixup{key.format(n)}"][clean.key]
         assert comp.n == 3 and comp.diff == pytest.approx(0.02)  # not 0.02 +- 0.1 across groups
     assert card.relative_cost[f"weight_mixup{key.format(1000)}"]["rte"] == pytest.approx(1.0)
+
+
+def test_kept_records_rebuild_the_same_report(tree: Path, tmp_path: Path) -> None:
+    """--keep-records copies the four files the report reads; OUT/runs alone rebuilds report.md exactly,
+    and passing OUT/runs again with the original runs copies nothing twice."""
+    out = tmp_path / "rep"
+    assert cli.main([str(tree), "--out", str(out), "--keep-records"]) == 0
+    kept = sorted(p.relative_to(out / "runs") for p in (out / "runs").rglob("run_info.json"))
+    assert len(kept) == len([p for p in tree.rglob("run_info.json")]) - 1  # the failed run is not kept
+    assert all(len(p.parts) == 4 and p.parts[2].startswith("seed") for p in kept)  # label/task/seed/file
+    assert not list((out / "runs").rglob("*.safetensors"))
+    again = tmp_path / "again"
+    assert cli.main([str(out / "runs"), "--out", str(again)]) == 0
+    first, second = (out / "report.md").read_text(), (again / "report.md").read_text()
+    drop = ("left out", "code versions")  # the failed run is not among the kept records
+    assert [ln for ln in first.splitlines() if not any(d in ln for d in drop)] == \
+        [ln for ln in second.splitlines() if not any(d in ln for d in drop)]
+    both = tmp_path / "both"  # the kept copies and the originals together: each run counted once
+    assert cli.main([str(out / "runs"), str(tree), "--out", str(both), "--keep-records"]) == 0
+    assert (both / "report.md").read_text() == first

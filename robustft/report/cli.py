@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for report.md/.csv/.tex/.png (default: %(default)s in the current folder)")
     parser.add_argument("--baseline", default=None,
                         help="row every method is compared with (default: vanilla, when present)")
+    parser.add_argument("--keep-records", action="store_true",
+                        help="also copy each completed run's records (run_info.json, metrics.json, .hydra/*.yaml; "
+                             "no checkpoints) into OUT/runs/, so the report can be rebuilt and extended with "
+                             "more seeds later from OUT/runs alone")
     parser.add_argument("--label-by", nargs="+", default=[], metavar="KEY",
                         help="config keys added to the row label, e.g. method.upper trainer.lr "
                              "(to separate runs of one method with different options)")
@@ -49,9 +53,10 @@ def report(args: argparse.Namespace) -> Path:
             raise ReportError(f"no runs (run_info.json files) under {path}; pass the folder of a run or a sweep")
         all_runs += found
     seen, unique = set(), []
-    for run in all_runs:  # overlapping arguments (a sweep and one of its runs) count each run once
-        if run["path"].resolve() not in seen:
-            seen.add(run["path"].resolve())
+    for run in all_runs:  # overlapping arguments (a sweep and one of its runs, kept records) count once
+        key = run_identity(run)
+        if key not in seen:
+            seen.add(key)
             unique.append(run)
     runs = [r for r in unique if r["status"] == "completed"]
     if not runs:
@@ -68,7 +73,45 @@ def report(args: argparse.Namespace) -> Path:
     (out / "report.tex").write_text(render.to_latex(card))
     render.plot(card, out / "report.png")
     print(f"wrote {out}/report.md, report.csv, report.tex, report.png")
+    if args.keep_records:
+        print(f"kept the records of {keep_records(runs, out / 'runs', args.label_by)} runs in {out}/runs")
     return out
+
+
+def run_identity(run: dict) -> str:
+    """A run and its kept copy (--keep-records) are one run: the same run_info.json and metrics.json
+    (run_info holds the start time, host, command line and seed of the run)."""
+    import json
+
+    return json.dumps([run["info"], run["metrics"]], sort_keys=True, default=str)
+
+
+RECORDS = ("run_info.json", "metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+
+
+def keep_records(runs: list[dict], dest: Path, label_by: Sequence[str]) -> int:
+    """Copy the small record files of `runs` to dest/<label>/<task>/seed<seed>/.
+
+    Those four files are all the report reads, so a report folder with its runs/ rebuilds itself:
+    `robustft-report OUT/runs NEW_SWEEP --out OUT --keep-records` adds seeds run in a later session.
+    """
+    import re
+    import shutil
+
+    from robustft.report.collect import lookup
+    from robustft.report.scorecard import run_label
+
+    for run in runs:
+        parts = [run_label(run, label_by), str(lookup(run, "task.name")), f"seed{run['seed']}"]
+        target = dest.joinpath(*(re.sub(r"[^A-Za-z0-9_.=+-]+", "_", p).strip("_") for p in parts))
+        if target.resolve() == Path(run["path"]).resolve():
+            continue
+        for name in RECORDS:
+            src = Path(run["path"]) / name
+            if src.is_file():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target / name)
+    return len(runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
