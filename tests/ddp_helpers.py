@@ -8,6 +8,7 @@ that raised makes the test fail with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -32,7 +33,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     torch.set_num_threads(1)
     try:
         D.init(timeout_s=120)
-        out.put((rank, "ok", fn(rank, *args)))
+        # plain pickle bytes: tensors sent through the queue as such would be shared-memory handles that die
+        # with this process
+        out.put((rank, "ok", pickle.dumps(fn(rank, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -55,4 +58,4 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3
                 p.kill()
     errors = [f"rank {r}:\n{res}" for r, status, res in got if status != "ok"]
     assert not errors, "\n".join(errors)
-    return [res for _, _, res in got]
+    return [pickle.loads(res) for _, _, res in got]
