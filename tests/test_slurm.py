@@ -256,3 +256,79 @@ def test_slurm_tasks_join_one_process_group(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert [out.split() for out, _ in outs] == [["slurm", "0", "0", "2", "2", "3.0", "from", "0"],
                                                 ["slurm", "1", "1", "2", "2", "3.0", "from", "0"]]
+
+
+# srun for a multi-task step: every task of the job runs the command, with its SLURM_PROCID/SLURM_LOCALID
+MULTI_TASK_SRUN = """
+out=; err=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --output) out=$2; shift 2 ;;
+    --error) err=$2; shift 2 ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+expand() { local s=$1; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/$2}"; }
+pids=
+for t in $(seq 0 $((SLURM_NTASKS - 1))); do
+  ( export SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST
+    exec >>"$(expand "$out" $t)" 2>>"$(expand "$err" $t)"; exec "$@" ) &
+  pids="$pids $!"
+done
+rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc
+"""
+
+
+@needs_data()
+@pytest.mark.slow
+def test_slurm_data_parallel_job_trains_and_requeues(tmp_path, tiny_overrides):
+    """One 2-task job: both tasks run the Hydra job as one data-parallel run in one run directory; after a
+    requeue (task 0 re-dumps the submission, as submitit's USR2 handler) both tasks find the run done."""
+    import robustft.loop
+
+    if not hasattr(robustft.loop, "TrainStep"):
+        pytest.skip("needs the DDP-aware loop (robustft.loop.TrainStep, issue #18's ddp-core branch)")
+    from submitit.core.utils import DelayedSubmission, pickle_load
+
+    from tests.ddp_helpers import free_port
+
+    env = fake_slurm(tmp_path / "slurm")
+    fake, work = tmp_path / "slurm", tmp_path / "work"
+    (fake / "bin" / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> "$FAKE_SLURM/calls.log"\n{MULTI_TASK_SRUN}')
+    work.mkdir()
+    overrides = [*tiny_overrides, "trainer.max_steps=4", f"data_dir={DATA_DIR}"]
+    log = tmp_path / "robustft.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([ROBUSTFT, "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+                                   "seed=1", *overrides], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    node_env = dict(env, SLURM_JOB_ID=str(ARRAY_ID), SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
+                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    try:
+        wait_for(lambda: len(list(work.glob("multirun/*/.submitit/*/*_submitted.pkl"))) == 1, driver, log)
+        (sweep,) = [p.resolve() for p in (work / "multirun").iterdir()]
+        folder = sweep / ".submitit" / str(ARRAY_ID)
+        (fake / "states").write_text(f"{ARRAY_ID}|RUNNING|localhost\n")
+        assert subprocess.run(["bash", str(fake / "sbatch_0.sh")], cwd=work, env=node_env, timeout=600).returncode == 0
+        (fake / "states").write_text(f"{ARRAY_ID}|COMPLETED|localhost\n")
+        assert driver.wait(timeout=60) == 0, log.read_text()[-3000:]
+        run = sweep / override_dirname(overrides) / "seed=1"
+        assert info(run)["status"] == "completed" and (run / "metrics.json").is_file()
+        results = [folder / f"{ARRAY_ID}_{t}_result.pkl" for t in (0, 1)]
+        assert [pickle_load(r)[0] for r in results] == ["success", "success"]
+
+        pkl = folder / f"{ARRAY_ID}_submitted.pkl"  # the requeue: task 0's handler re-dumps the submission
+        delayed = DelayedSubmission.load(pkl)
+        requeued = delayed._checkpoint_function()
+        requeued.set_timeout(delayed._timeout_min, delayed._timeout_countdown)
+        requeued.dump(pkl)
+        for r in results:
+            r.unlink()
+        node_env["MASTER_PORT"] = str(free_port())
+        assert subprocess.run(["bash", str(fake / "sbatch_0.sh")], cwd=work, env=node_env, timeout=600).returncode == 0
+        assert [pickle_load(r)[0] for r in results] == ["success", "success"]
+        assert f"run in {run} already completed" in (folder / f"{ARRAY_ID}_0_log.out").read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
