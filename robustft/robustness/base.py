@@ -79,6 +79,7 @@ class ShardedPredictor:
     def __init__(self, inner: Predictor) -> None:
         self.inner = inner
         self.queries = 0  # texts scored by the whole job, as a single-process Predictor counts them
+        self.calls = 0  # the same on every rank (every rank makes the same calls)
 
     @property
     def unk_token(self) -> str:
@@ -92,11 +93,14 @@ class ShardedPredictor:
         enc = p.tokenizer(*zip(*texts), truncation=True, max_length=p.max_length)
         lengths = [len(x) for x in enc["input_ids"]]
         batches = p._batches(np.argsort(lengths, kind="stable"), lengths)
-        start, stop = distributed.shard_bounds(len(batches))
+        # which rank takes the extra batches rotates with the call, so calls of one batch spread over the ranks
+        self.calls += 1
+        world = distributed.world_size()
+        start, stop = distributed.shard_bounds(len(batches), world, (distributed.rank() + self.calls) % world)
         # each batch alone: Predictor.logits re-sorts it (already sorted: stable) and keeps it one batch
         mine = [(rows, p.logits([texts[i] for i in rows])) for rows in batches[start:stop]]
         out = np.empty((len(texts), p.model.config.num_labels), dtype=np.float32)
-        for rows, logits in distributed.gather_in_order(mine):
+        for rows, logits in distributed.gather_in_order(mine):  # rows place them: any rank order will do
             out[rows] = logits
         return out
 
