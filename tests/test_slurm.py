@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -198,3 +199,136 @@ def test_slurm_array_job_script_run_and_requeue(tmp_path, tiny_overrides):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# ---- one data-parallel run per SLURM job: tasks_per_node > 1 --------------------------------------------
+@needs_data()
+def test_slurm_data_parallel_job_renders_one_task_per_gpu(tmp_path, tiny_overrides):
+    """tasks_per_node=2 gpus_per_node=2: one job whose srun starts two tasks (srun inherits the job's task
+    count), each running the Hydra job; the job's pickle is the same for both."""
+    env = fake_slurm(tmp_path / "slurm")
+    fake, work = tmp_path / "slurm", tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "robustft.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([ROBUSTFT, "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+                                   "hydra.launcher.gpus_per_node=2", "seed=1", *tiny_overrides, f"data_dir={DATA_DIR}"],
+                                  cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(list(work.glob("multirun/*/.submitit/*/*_submitted.pkl"))) == 1, driver, log)
+        script = (fake / "sbatch_0.sh").read_text()
+        flags = dict(line[len("#SBATCH --"):].partition("=")[::2] for line in script.splitlines()
+                     if line.startswith("#SBATCH --"))
+        assert flags["ntasks-per-node"] == "2" and flags["gpus-per-node"] == "2" and flags["nodes"] == "1"
+        assert flags["cpus-per-task"] == str(SLURM_CONF.cpus_per_task)  # per task, i.e. per GPU
+        (command,) = [line for line in script.splitlines() if line.startswith("srun ")]
+        assert "--ntasks" not in command and " -m submitit.core._submit " in command  # every task runs the job
+        assert "_%t_log.out --error " in command  # one log per task (%t: the task's rank)
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+SLURM_TASK = """
+import torch
+from robustft import distributed as D
+info = D.init(timeout_s=60)
+total = D.all_reduce_sum(torch.tensor([info.rank + 1.0]))
+print(info.source, info.rank, info.local_rank, info.world_size, D.world_size(), total.item(),
+      D.broadcast_object(f"from {info.rank}"), flush=True)
+D.destroy()
+"""
+
+
+def test_slurm_tasks_join_one_process_group(tmp_path):
+    """Two tasks of one SLURM step (SLURM's variables only, no torchrun's) join one gloo group and agree."""
+    from tests.ddp_helpers import free_port
+
+    env = cli_env()
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(key, None)
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
+               SLURM_STEP_NODELIST="localhost", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", SLURM_TASK], env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["slurm", "0", "0", "2", "2", "3.0", "from", "0"],
+                                                ["slurm", "1", "1", "2", "2", "3.0", "from", "0"]]
+
+
+# srun for a multi-task step: every task of the job runs the command, with its SLURM_PROCID/SLURM_LOCALID
+MULTI_TASK_SRUN = """
+out=; err=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --output) out=$2; shift 2 ;;
+    --error) err=$2; shift 2 ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+expand() { local s=$1; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/$2}"; }
+pids=
+for t in $(seq 0 $((SLURM_NTASKS - 1))); do
+  ( export SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST
+    exec >>"$(expand "$out" $t)" 2>>"$(expand "$err" $t)"; exec "$@" ) &
+  pids="$pids $!"
+done
+rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc
+"""
+
+
+@needs_data()
+@pytest.mark.slow
+def test_slurm_data_parallel_job_trains_and_requeues(tmp_path, tiny_overrides):
+    """One 2-task job: both tasks run the Hydra job as one data-parallel run in one run directory; after a
+    requeue (task 0 re-dumps the submission, as submitit's USR2 handler) both tasks find the run done."""
+    import robustft.loop
+
+    if not hasattr(robustft.loop, "TrainStep"):
+        pytest.skip("needs the DDP-aware loop (robustft.loop.TrainStep, issue #18's ddp-core branch)")
+    from submitit.core.utils import DelayedSubmission, pickle_load
+
+    from tests.ddp_helpers import free_port
+
+    env = fake_slurm(tmp_path / "slurm")
+    fake, work = tmp_path / "slurm", tmp_path / "work"
+    (fake / "bin" / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> "$FAKE_SLURM/calls.log"\n{MULTI_TASK_SRUN}')
+    work.mkdir()
+    overrides = [*tiny_overrides, "trainer.max_steps=4", f"data_dir={DATA_DIR}"]
+    log = tmp_path / "robustft.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([ROBUSTFT, "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+                                   "seed=1", *overrides], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    node_env = dict(env, SLURM_JOB_ID=str(ARRAY_ID), SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
+                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    try:
+        wait_for(lambda: len(list(work.glob("multirun/*/.submitit/*/*_submitted.pkl"))) == 1, driver, log)
+        (sweep,) = [p.resolve() for p in (work / "multirun").iterdir()]
+        folder = sweep / ".submitit" / str(ARRAY_ID)
+        (fake / "states").write_text(f"{ARRAY_ID}|RUNNING|localhost\n")
+        assert subprocess.run(["bash", str(fake / "sbatch_0.sh")], cwd=work, env=node_env, timeout=600).returncode == 0
+        (fake / "states").write_text(f"{ARRAY_ID}|COMPLETED|localhost\n")
+        assert driver.wait(timeout=60) == 0, log.read_text()[-3000:]
+        run = sweep / override_dirname(overrides) / "seed=1"
+        assert info(run)["status"] == "completed" and (run / "metrics.json").is_file()
+        results = [folder / f"{ARRAY_ID}_{t}_result.pkl" for t in (0, 1)]
+        assert [pickle_load(r)[0] for r in results] == ["success", "success"]
+
+        pkl = folder / f"{ARRAY_ID}_submitted.pkl"  # the requeue: task 0's handler re-dumps the submission
+        delayed = DelayedSubmission.load(pkl)
+        requeued = delayed._checkpoint_function()
+        requeued.set_timeout(delayed._timeout_min, delayed._timeout_countdown)
+        requeued.dump(pkl)
+        for r in results:
+            r.unlink()
+        node_env["MASTER_PORT"] = str(free_port())
+        assert subprocess.run(["bash", str(fake / "sbatch_0.sh")], cwd=work, env=node_env, timeout=600).returncode == 0
+        assert [pickle_load(r)[0] for r in results] == ["success", "success"]
+        assert f"run in {run} already completed" in (folder / f"{ARRAY_ID}_0_log.out").read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()

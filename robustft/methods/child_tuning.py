@@ -30,6 +30,13 @@ Departures from the official code (commented where they happen):
 - the threshold is the sorted Fisher value at position ceil(q (n - 1)), q = 1 - p: the entries kept by the
   official `>= np.percentile(F, 100 q)` (linear interpolation lies in (v[k-1], v[k]]), exactly, without
   numpy or a host copy (torch.kthvalue on the device).
+- data parallel (robustft/distributed.py): D's pass splits the same batches between the ranks (contiguous
+  shares of the batch list, each batch's gradient whole on one rank), then sums the ranks' Fisher sums
+  and token counts (one all-reduce per tensor, once per run): the single-process Fisher up to the order
+  of the float additions, the same mask on every rank. F draws each step's mask from a generator seeded
+  by (seed, optimizer step) on every rank, so all ranks apply one mask with no communication (the global
+  RNG streams differ between ranks: dropout draws follow the shard sizes); a single process keeps the
+  global torch RNG, unchanged, so its draws differ from a data-parallel run's (same distribution).
 - AdamW arithmetic is the wrapped method's optimizer (torch.optim.AdamW: decoupled decay before the
   update, eps after the bias correction); the official ChildTuningAdamW (HF's old AdamW) decays after the
   update and adds eps before the bias correction.
@@ -43,11 +50,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustft import distributed
 from robustft.data import collate, epoch_batches
 from robustft.errors import UserError
 from robustft.methods.base import LoopHandle, Method, TrainContext, model_inputs, task_loss
@@ -133,6 +142,7 @@ class ChildTuning(Selector):
         self.fisher: dict[str, float] = {}  # D: cost of the Fisher pass (tokens, flops, wall_s, batches)
         self._buffer: torch.Tensor | None = None  # F: one flat buffer for the step's random masks
         self._views: list[torch.Tensor] = []
+        self._generator: torch.Generator | None = None  # F under data parallelism: the ranks' common stream
         self.density: torch.Tensor | None = None  # fraction of eligible entries masked in (D: fixed)
         self.window = LogWindow(1)
 
@@ -172,9 +182,14 @@ class ChildTuning(Selector):
         ctx, tcfg = self.ctx, self.ctx.trainer
         t0 = time.perf_counter()
         rows = epoch_batches(train, int(tcfg.batch_size), ctx.seed, 0, bool(tcfg.group_by_length))
-        batches = (to_device(collate(train, r, ctx.tokenizer, ctx.task.is_regression), ctx.device) for r in rows)
+        start, stop = distributed.shard_bounds(len(rows))  # all of them in one process
+        batches = (to_device(collate(train, r, ctx.tokenizer, ctx.task.is_regression), ctx.device)
+                   for r in rows[start:stop])
         fisher, tokens = fisher_information(model, self.params, batches, len(rows), bool(ctx.task.is_regression),
                                             float(tcfg.max_grad_norm), loop.amp)
+        if distributed.world_size() > 1:  # each rank summed its batches' terms: the sum over all of them
+            fisher = [distributed.all_reduce_sum(f) for f in fisher]
+            tokens = distributed.all_reduce_sum(tokens)
         self.set_mask(top_fraction_mask(fisher, self.reserve_p))
         n_tokens = int(tokens)
         flops = 6.0 * count_params(model, non_embedding=True) * n_tokens  # forward + backward per token
@@ -201,11 +216,22 @@ class ChildTuning(Selector):
                 raise RuntimeError("child_tuning D has no mask: its Fisher stage must run before training")
             return self.mask
         buf = self._buffer
-        buf.uniform_()  # global torch RNG (resume-exact); M = [u < p] ~ Bernoulli(p)
+        buf.uniform_(generator=self.rank_common_generator())  # M = [u < p] ~ Bernoulli(p)
         buf.lt_(self.reserve_p)
         self.density = buf.sum().double() / buf.numel()  # a float32 sum: a float64 one costs more than the draw
         buf.div_(self.reserve_p)  # official: grad *= mask / reserve_p
         return self._views
+
+    def rank_common_generator(self) -> torch.Generator | None:
+        """None (the global torch RNG, resume-exact) in one process; under data parallelism a generator
+        seeded by (seed, optimizer step), the same on every rank and after a resume (the window counts the
+        steps done, resumed ones too)."""
+        if distributed.world_size() == 1:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=self._buffer.device)
+        seed = np.random.SeedSequence([int(self.ctx.seed), self.window.step]).generate_state(1, np.uint64)[0]
+        return self._generator.manual_seed(int(seed) >> 1)  # manual_seed takes a signed 64-bit value
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, float]:
         masks = self.step_masks()

@@ -24,6 +24,10 @@ Departures (see also the comments in the code):
   rest of the batch; the official code (only a snippet is public) does not say what it does at test time.
 - `temperature`: the snippet divides by an unspecified `temp`; 1.0 would be the plain softmax, which
   measured near-uniform matching on minilm: conf/method/match_tuning.yaml sets 0.1 (numbers there).
+- Data parallel (robustft/distributed.py): each rank matches within its own shard of the global batch
+  (trainer.batch_size / world size instances), as the official code matches within each GPU's batch; no
+  matching across ranks, so M and the result depend on the number of ranks (a batch of B in one process
+  is not world batches of B / world). The match/* statistics logged are rank 0's shard's.
 """
 
 from __future__ import annotations

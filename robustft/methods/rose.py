@@ -37,6 +37,13 @@ Departures from the official code, all commented where they happen:
   dropout to `--kl_dropout` (default 0.1, the same as minilm/BERT/RoBERTa's own) for the whole run.
 - the KL gradient is taken with torch.autograd.grad w.r.t. the eligible tensors only (the official
   code back-propagates into every .grad, then zeroes them): same scores, no embedding/head gradients.
+- data parallel (robustft/distributed.py; every rank scores its shard of the global batch): first-order
+  scores are the norms of the KL gradient summed over the ranks (one all-reduce of the eligible tensors'
+  KL gradients and the KL per micro-batch), i.e. of the global batch's KL gradient as one process
+  computes it, so every rank draws the same mask; the official code under DDP back-propagates the KL
+  into .grad, which DDP averages: the same norms / world size, the same quantile mask. Second-order
+  scores use the DDP-averaged gradients and the optimizer's moments, identical on every rank already.
+  `rose/kl` is then the global batch's KL on every rank.
 - not method options (trainer settings of the official runs): RoBERTa only, 10 epochs, no LR warmup,
   fp16, last-epoch model; the runner's trainer config decides these here.
 """
@@ -53,6 +60,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.adamw import adamw as adamw_kernel  # torch.optim.AdamW's functional form
 
+from robustft import distributed
 from robustft.errors import UserError
 from robustft.methods.base import Method, StepOutput, TrainContext, task_loss
 from robustft.methods.selector import Selector
@@ -75,6 +83,15 @@ def symmetric_kl(logits1: torch.Tensor, logits2: torch.Tensor, is_regression: bo
     lp1, lp2 = F.log_softmax(logits1.float(), -1), F.log_softmax(logits2.float(), -1)
     kl = F.kl_div(lp1, lp2, reduction="sum", log_target=True) + F.kl_div(lp2, lp1, reduction="sum", log_target=True)
     return kl / 4.0
+
+
+def global_kl_grads(grads: list[torch.Tensor], kl: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The KL's gradients and value summed over the ranks (the KL is a sum over examples, so these are the
+    global batch's), in one all-reduce of a flat buffer."""
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [kl.reshape(1).float()])
+    total = distributed.all_reduce_sum(flat)
+    parts = total.split([g.numel() for g in grads] + [1])
+    return [t.view_as(g).to(g.dtype) for t, g in zip(parts, grads)], parts[-1].reshape(()).to(kl.dtype)
 
 
 def is_eligible(name: str, contains: Sequence[str], excludes: Sequence[str]) -> bool:
@@ -236,9 +253,11 @@ class Rose(Selector):
         # The KL only scores tensors: its gradient w.r.t. the eligible tensors (no embedding or head grads
         # are computed), graph kept for the CE backward the loop runs next. It never reaches p.grad.
         grads = torch.autograd.grad(kl, self.eligible, retain_graph=True, materialize_grads=True)
+        kl = kl.detach()
+        if distributed.world_size() > 1:
+            grads, kl = global_kl_grads(list(grads), kl)
         scores = torch.stack(torch._foreach_norm(grads))
         self._kl_scores = scores if self._kl_scores is None else self._kl_scores + scores
-        kl = kl.detach()
         self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
         return StepOutput(ce, logits1.detach())
 

@@ -16,6 +16,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustft import distributed
 from robustft.errors import UserError
 from robustft.methods.base import LoopHandle, Method, TrainContext, adamw, decay_groups
 from robustft.methods.weight_mixup.bilevel import PRECONDITIONERS, SCHEDULES, BiLevelStage
@@ -85,6 +86,11 @@ class WeightMixup(Method):
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        if distributed.world_size() > 1 and self.folds > 0:
+            # stage 1's inner/outer steps and finite differences update W and alpha outside the loop's DDP step
+            raise UserError(f"method=weight_mixup's stage 1 (bi-level, method.folds={self.folds}) runs in one "
+                            f"process only, this run has {distributed.world_size()}; run it single-process "
+                            "(no torchrun, SLURM tasks_per_node=1), or method.folds=0 to skip stage 1")
         self.ctx = ctx
         self.mixed = wrap_model(model, self.complement, self.scratch)
         self._model = model
