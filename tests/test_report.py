@@ -286,3 +286,24 @@ def test_kept_records_rebuild_the_same_report(tree: Path, tmp_path: Path) -> Non
     both = tmp_path / "both"  # the kept copies and the originals together: each run counted once
     assert cli.main([str(out / "runs"), str(tree), "--out", str(both), "--keep-records"]) == 0
     assert (both / "report.md").read_text() == first
+
+
+def test_a_label_key_only_some_runs_have_pairs_with_the_plain_baseline(tmp_path: Path) -> None:
+    """--label-by selector.variant: child_tuning[selector.variant=d] is compared with plain vanilla, and
+    rows without the key carry no `[selector.variant=<missing>]`."""
+    root = tmp_path / "runs"
+    for method, selector, gain in (("vanilla", "none", 0.0), ("r3f", "none", 0.01), ("vanilla", "child_tuning", 0.03)):
+        for seed in (1, 2, 3):
+            path = root / f"{method}-{selector}" / str(seed)
+            write_run(path, task="sst2", method=method, selector=selector, seed=seed,
+                      metrics=run_metrics(method, selector, 0.8 + gain + 0.001 * seed * seed, seed))
+            if selector != "none":
+                cfg_path = path / ".hydra" / "config.yaml"
+                cfg = yaml.safe_load(cfg_path.read_text())
+                cfg["selector"]["variant"] = "d"
+                cfg_path.write_text(yaml.safe_dump(cfg))
+    card = build(load_runs(root), label_by=["selector.variant"])
+    assert set(card.labels) == {"vanilla", "r3f", "vanilla+child_tuning[selector.variant=d]"}
+    assert card.baseline_of == {"r3f": "vanilla", "vanilla+child_tuning[selector.variant=d]": "vanilla"}
+    clean = card.columns[0]
+    assert card.comparisons["vanilla+child_tuning[selector.variant=d]"][clean.key].diff == pytest.approx(0.03)

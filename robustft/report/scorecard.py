@@ -80,8 +80,29 @@ def label_parts(run: dict[str, Any], label_by: Sequence[str] = (), with_model: b
         label += f"+{selector}"
     if with_model:
         label = f"{_name(run, 'model.name') or '?'}:{label}"
-    suffix = "[" + ",".join(f"{k}={lookup(run, k)}" for k in label_by) + "]" if label_by else ""
+    items = label_items(run, label_by)
+    suffix = "[" + ",".join(f"{k}={v}" for k, v in items) + "]" if items else ""
     return label, suffix
+
+
+def label_items(run: dict[str, Any], label_by: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The --label-by (key, value) pairs a run's config has: a key it lacks (selector.variant of a run
+    without a selector) is left out of its label, not shown as <missing>."""
+    return tuple((k, str(lookup(run, k))) for k in label_by if lookup(run, k) not in (None, MISSING))
+
+
+def baseline_rows(items_of: dict[str, frozenset], baseline: str | None) -> dict[str, str]:
+    """Each row's baseline row: the baseline method with the most of the row's --label-by values and no
+    other (vanilla[n=300] for weight_mixup[n=300]; plain vanilla for child_tuning[selector.variant=d])."""
+    if not baseline:
+        return {}
+    bases = {lab: items for lab, items in items_of.items() if lab.split("[")[0] == baseline}
+    out = {}
+    for lab, items in items_of.items():
+        fits = [b for b, b_items in bases.items() if b_items <= items and b != lab]
+        if lab.split("[")[0] != baseline and fits:
+            out[lab] = max(fits, key=lambda b: len(bases[b]))
+    return out
 
 
 def _main_metric(run: dict[str, Any]) -> str | None:
@@ -158,8 +179,8 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     label_of = {i: name + suffix for i, (name, suffix) in parts.items()}
     # rows by --label-by values, the baseline first within each; a row's baseline shares its values
     labels = sorted(set(label_of.values()), key=lambda lab: _row_key(lab, parts, baseline))
-    baseline_of = {name + suffix: baseline + suffix for name, suffix in parts.values()
-                   if baseline and name != baseline and baseline + suffix in label_of.values()}
+    baseline_of = baseline_rows({label_of[i]: frozenset(label_items(r, label_by)) for i, r in enumerate(runs)},
+                                baseline)
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_task[_name(r, "task.name") or "?"].append(r)
