@@ -24,15 +24,8 @@ from tests.test_cli import ROBUSTFT, cli_env, info, override_dirname
 
 SLURM_CONF = OmegaConf.load(CONF_DIR / "hydra" / "launcher" / "slurm.yaml")
 ARRAY_ID = 12345
-
-FAKE_TOOLS = {
-    "sbatch": """
-n=$(ls "$FAKE_SLURM"/sbatch_*.sh 2>/dev/null | wc -l)
-cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
-echo "Submitted batch job $((12345 + n))"
-""",
-    # srun [options] command...: one task on this "node"; --output/--error patterns as SLURM expands them
-    "srun": """
+# srun's options the stand-ins read (--output/--error); the command follows them
+SRUN_OPTIONS = """
 out=; err=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,7 +35,17 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-expand() { local s=$1; s=${s//%A/$SLURM_ARRAY_JOB_ID}; s=${s//%a/$SLURM_ARRAY_TASK_ID}; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/0}"; }
+"""
+
+
+FAKE_TOOLS = {
+    "sbatch": """
+n=$(ls "$FAKE_SLURM"/sbatch_*.sh 2>/dev/null | wc -l)
+cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
+echo "Submitted batch job $((12345 + n))"
+""",
+    # srun [options] command...: one task on this "node"; --output/--error patterns as SLURM expands them
+    "srun": SRUN_OPTIONS + """expand() { local s=$1; s=${s//%A/$SLURM_ARRAY_JOB_ID}; s=${s//%a/$SLURM_ARRAY_TASK_ID}; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/0}"; }
 [ -n "$out" ] && exec >>"$(expand "$out")"
 [ -n "$err" ] && exec 2>>"$(expand "$err")"
 exec "$@"
@@ -259,17 +262,7 @@ def test_slurm_tasks_join_one_process_group(tmp_path):
 
 
 # srun for a multi-task step: every task of the job runs the command, with its SLURM_PROCID/SLURM_LOCALID
-MULTI_TASK_SRUN = """
-out=; err=
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --output) out=$2; shift 2 ;;
-    --error) err=$2; shift 2 ;;
-    -*) shift ;;
-    *) break ;;
-  esac
-done
-expand() { local s=$1; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/$2}"; }
+MULTI_TASK_SRUN = SRUN_OPTIONS + """expand() { local s=$1; s=${s//%j/$SLURM_JOB_ID}; echo "${s//%t/$2}"; }
 pids=
 for t in $(seq 0 $((SLURM_NTASKS - 1))); do
   ( export SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST
