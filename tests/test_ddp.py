@@ -104,6 +104,7 @@ def two_ranks(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
                                 ("full", RESUME, root / "full"),
                                 ("cut", [*RESUME, "+trainer.interrupt_at_step=3"], root / "cut"),
                                 ("resumed", RESUME, root / "cut"),
+                                ("cut2", [*RESUME, "+trainer.interrupt_at_step=3"], root / "cut2"),
                                 ("devices", [*TINY, "trainer.devices=4"], root / "devices")])
 
 
@@ -137,6 +138,19 @@ def test_interrupted_two_rank_run_resumes_exactly(two_ranks):
     state = load_training_state(root / "cut" / "checkpoints" / "last")
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 1  # rank 1's; rank 0's is "rng"
     assert not torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])  # dropout streams diverged
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process_with_a_warning(two_ranks, caplog):
+    """trainer.batch_size is the global batch: another number of processes continues the same batches and
+    optimizer steps; only the dropout streams differ, which the warning says."""
+    root, res = two_ranks
+    torch.set_num_threads(1)
+    with caplog.at_level("WARNING", logger="robustft"):
+        resumed = fit(make_cfg(RESUME), RunDir(root / "cut2"))
+    assert "written by 2 process(es), this run has 1" in caplog.text
+    assert json.loads((root / "cut2" / "run_info.json").read_text())["resumed_from_step"] == 3
+    for key in ("train/steps", "train/examples", "cost/train_tokens"):
+        assert resumed[key] == res["full"][key], key
 
 
 def torchrun(commands: dict[str, list[str]], cwd: Path, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
