@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -269,9 +270,14 @@ class Loop:
             self.run_model_stage(stage)
         if self.world > 1:  # after the stages: they may change which parameters train
             self.ddp = wrap(self.model, self.method, self.device)
+            if self.state.step == 0 and distributed.rank() > 0:
+                # every rank starts from the run's seed: without this, ranks > 0 would draw rank 0's dropout
+                # masks for their own rows at the first step (a resume restores each rank's saved state)
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, distributed.rank()]).generate_state(1)[0]))
         s, tcfg, stop, batches = self.state, self.tcfg, False, None
-        bar = Bar(total=self.total, enabled=sys.stdout.isatty() and distributed.is_main(), desc=f"{self.method.name} {self.task.name}",
-                  completed=s.step, examples=s.examples, train_s=s.train_time_s)
+        bar = Bar(total=self.total, enabled=sys.stdout.isatty() and distributed.is_main(),
+                  desc=f"{self.method.name} {self.task.name}", completed=s.step, examples=s.examples,
+                  train_s=s.train_time_s)
         self.model.train()
         while s.step < self.total and not stop:
             if batches is None:  # the epoch's order is a pure function of (seed, epoch)
@@ -287,12 +293,12 @@ class Loop:
                 self.run_dir.write_dynamics(s.epoch, self.dynamics.epoch_rows(s.epoch))
             if epoch_end:
                 s.epoch, s.batch_in_epoch, batches = s.epoch + 1, 0, None
-            logging = s.step % int(tcfg.log_every) == 0 or s.step == self.total
-            if logging:
+            row_due = s.step % int(tcfg.log_every) == 0 or s.step == self.total
+            if row_due:
                 self.flush_loss()
             bar.update(1, examples=s.examples, train_s=s.train_time_s,
-                       loss=s.window_loss / s.window_n if logging else None)
-            if logging:
+                       loss=s.window_loss / s.window_n if row_due else None)
+            if row_due:
                 self.log_train(logs, grad_norm, bar)
             stop = self.maybe_evaluate_and_save(epoch_end)
         self.flush_loss()  # steps after the last row (early stop): their losses are checked too

@@ -201,3 +201,17 @@ def test_two_ranks_train_like_one_process_on_minilm(tmp_path):
     assert max_diff(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
     for key in COMPARED:
         assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (2, True), (0, False), ("two", False)])
+def test_trainer_devices_is_auto_or_a_count(value, ok):
+    from robustft.errors import UserError
+    from robustft.validate import validate_trainer
+
+    cfg = make_cfg([]).trainer
+    cfg.devices = value
+    if ok:
+        validate_trainer(cfg)
+    else:
+        with pytest.raises(UserError, match=r"trainer.devices=.* must be auto or a whole number >= 1"):
+            validate_trainer(cfg)
