@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustft.config import CONF_DIR, compose_config  # noqa: F401  (compose_config: for scripts and tests)
 from robustft.config import group_options as _group_options
 from robustft.errors import UserError
+from robustft.launch import env_rank, processes
 
 log = logging.getLogger("robustft")
 
@@ -43,22 +44,12 @@ FAILED_JOBS: list[str] = []
 
 def fail(message: str, code: int = 2) -> None:
     """The one line on stderr (rank 0 of a data-parallel run; the others log it in logs/rank<r>.log), exit."""
-    if _rank() > 0:
+    if env_rank() > 0:
         if logging.getLogger().handlers:  # its rank log (before Hydra's logging: rank 0's line is the one)
             log.error("robustft: error: %s", message)
     else:
         print(f"robustft: error: {message}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def _rank() -> int:
-    """This process's rank in a data-parallel launch (read from the environment: no torch import), else 0."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) if _processes() > 1 else 0
-
-
-def _processes() -> int:
-    """How many processes torchrun (WORLD_SIZE) or a multi-task SLURM step (SLURM_NTASKS) started."""
-    return max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_NTASKS", "1")))
 
 
 def _type_of_default(default: Any, value: Any) -> str | None:
@@ -370,14 +361,14 @@ def main() -> None:
     skip = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
             "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun")
     info_only = any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args)
-    if _processes() > 1 and any(a in ("-m", "--multirun") for a in args):
+    if processes() > 1 and any(a in ("-m", "--multirun") for a in args):
         # a sweep's jobs would have to stay in lockstep on every rank through Hydra's launcher (a job failing
         # on one rank alone would stall the others): one torchrun per job, or a SLURM sweep of DDP jobs
-        fail(f"-m (a sweep) cannot run under torchrun ({_processes()} processes); start one torchrun per job, or "
+        fail(f"-m (a sweep) cannot run under torchrun ({processes()} processes); start one torchrun per job, or "
              "sweep with hydra/launcher=slurm hydra.launcher.tasks_per_node=N (each job data-parallel)")
     if not info_only:
         preflight([a for a in args if not a.startswith("-")])
-    if _processes() > 1:  # torchrun: one run across the processes (README "Multi-GPU and multi-node")
+    if processes() > 1:  # torchrun: one run across the processes (README "Multi-GPU and multi-node")
         from robustft import distributed
         from robustft.launch import agree_on_run_dir
 

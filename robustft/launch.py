@@ -1,17 +1,35 @@
-"""Starting one run across processes from the command line: the run directory every rank uses, and the
-logs of ranks > 0. Used by the CLI only (robustft/cli.py); the process group is robustft/distributed.py."""
+"""Starting one run across processes from the command line: how many processes, the run directory every
+rank uses, and the logs of ranks > 0. Used by the CLI only (robustft/cli.py), which imports it at start-up,
+so torch (robustft/distributed.py, the process group) is imported only inside the functions that need it."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from robustft import distributed
 from robustft.config import CONF_DIR
 from robustft.errors import UserError
+
+
+def env_rank() -> int:
+    """This process's rank in a data-parallel launch, else 0 (as robustft.distributed.env reads it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("SLURM_PROCID", "0")) if processes() > 1 else 0
+
+
+def processes() -> int:
+    """The processes torchrun or a multi-task SLURM step started, read from the environment as
+    robustft.distributed.env reads it (that module imports torch, which --help and errors should not wait for)."""
+    e = os.environ
+    if int(e.get("WORLD_SIZE", "1")) > 1:
+        return int(e["WORLD_SIZE"])
+    slurm_step = "SLURM_PROCID" in e and "SLURM_STEP_NODELIST" in e
+    return int(e.get("SLURM_NTASKS", "1")) if slurm_step else 1
 
 
 def _hydra_quote(value: str) -> str:
@@ -27,6 +45,8 @@ def agree_on_run_dir(args: list[str]) -> list[str]:
     and broadcasts it; every rank passes it as `hydra.run.dir`, and ranks > 0 set `hydra.output_subdir=null`
     so only rank 0 writes .hydra/ (a sweep under torchrun is refused before: robustft/cli.py main).
     """
+    from robustft import distributed  # torch: only once a run across processes starts
+
     answer: tuple[str, str] | None = None
     if distributed.is_main():
         answer = _resolved_run_dir([a for a in args if not a.startswith("-")])
