@@ -215,3 +215,37 @@ def test_trainer_devices_is_auto_or_a_count(value, ok):
     else:
         with pytest.raises(UserError, match=r"trainer.devices=.* must be auto or a whole number >= 1"):
             validate_trainer(cfg)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGTERM to the launcher (a preemption): run_info says interrupted; the same command resumes from the last
+    checkpoint (save_every) and ends with the uninterrupted run's weights and curves, bit for bit."""
+    import signal
+    import time
+
+    over = [f"data_dir={DATA_DIR}", "model=tiny_random", "task.max_train_samples=3000", "task.max_eval_samples=64",
+            "trainer.epochs=1", "trainer.batch_size=16", "trainer.precision=fp32", "trainer.max_length=64",
+            "trainer.save_every=10", "trainer.log_every=5"]
+    assert torchrun({"full": [*over, "hydra.run.dir=full"]}, tmp_path)["full"].returncode == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    cut = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={free_port()}", "-m", "robustft", *over, "hydra.run.dir=cut"],
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.is_file() or log.read_text().count('"train"') < 5):
+        time.sleep(0.2)
+    cut.send_signal(signal.SIGTERM)
+    assert cut.wait(timeout=120) != 0
+    assert json.loads((tmp_path / "cut" / "run_info.json").read_text())["status"] == "interrupted"
+    assert torchrun({"resume": [*over, "hydra.run.dir=cut"]}, tmp_path)["resume"].returncode == 0
+    assert json.loads((tmp_path / "cut" / "run_info.json").read_text())["resumed_from_step"] > 0
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    def curves(run: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+
+    assert curves(tmp_path / "cut") == curves(tmp_path / "full")
