@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustft.config import CONF_DIR, compose_config  # noqa: F401  (compose_config: for scripts and tests)
 from robustft.config import group_options as _group_options
 from robustft.errors import UserError
+from robustft.launch import env_rank, processes
 
 log = logging.getLogger("robustft")
 
@@ -42,7 +43,12 @@ FAILED_JOBS: list[str] = []
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"robustft: error: {message}", file=sys.stderr)
+    """The one line on stderr (rank 0 of a data-parallel run; the others log it in logs/rank<r>.log), exit."""
+    if env_rank() > 0:
+        if logging.getLogger().handlers:  # its rank log (before Hydra's logging: rank 0's line is the one)
+            log.error("robustft: error: %s", message)
+    else:
+        print(f"robustft: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -190,27 +196,37 @@ def check_output_dir(overrides: list[str], multirun: bool) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, float] | None:
-    """One job: the run directory's status from start to finish (`rundir.lifecycle`), errors as one line."""
+    """One job: the run directory's status from start to finish (`rundir.lifecycle`), errors as one line.
+
+    In a data-parallel run every rank gets here (from main(), or from submitit in a multi-task SLURM
+    job): they join the process group, rank 0 writes the run directory, the others their own logs.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from robustft import distributed
     from robustft.errors import Interrupted
+    from robustft.launch import rank_logging
     from robustft.progress import bars_closed
     from robustft.rundir import RunDir, lifecycle, write_error
     from robustft.runner import fit
 
+    distributed.init()
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode == RunMode.MULTIRUN  # a sweep ignores hydra.run.dir: its jobs live under hydra.sweep.dir
     dir_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     try:
         run_dir = RunDir(hydra_cfg.runtime.output_dir)
+        if not distributed.is_main():
+            rank_logging(run_dir, distributed.rank())
     except OSError as e:
         if write_error(e, dir_key) is None:
             raise
         return job_failed(write_error(e, dir_key), None)  # no run_info to record it in
-    if run_dir.info.get("status") == "completed" and cfg.resume == "auto":
+    if distributed.broadcast_object(run_dir.info.get("status") == "completed" and cfg.resume == "auto"):
         log.info("run in %s already completed; nothing to do", run_dir.path)
-        print_summary(run_dir, cfg)
+        if distributed.is_main():
+            print_summary(run_dir, cfg)
         return None
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -220,11 +236,17 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             signal.signal(signal.SIGTERM, on_term)
     log.info("run directory: %s", run_dir.path.resolve())
+    if distributed.world_size() > 1:
+        log.info("data-parallel: rank %d of %d (%s)", distributed.rank(), distributed.world_size(), distributed.backend())
     try:
-        # run_info status: completed | failed | interrupted; a bar still drawn is stopped (cursor back)
-        # before any message below
-        with bars_closed(), lifecycle(run_dir, cfg):
-            metrics = fit(cfg, run_dir)
+        try:
+            # run_info status: completed | failed | interrupted; a bar still drawn is stopped (cursor back)
+            # before any message below
+            with bars_closed(), lifecycle(run_dir, cfg):
+                metrics = fit(cfg, run_dir)
+        except BaseException:
+            distributed.settle()  # rank 0 has recorded the failure before any rank's exit stops the job
+            raise
     except UserError as e:
         return job_failed(str(e), run_dir)
     except Interrupted as e:
@@ -238,7 +260,8 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     main_key = run_dir.info.get("main_metric")
     if main_key in metrics:
         log.info("done: %s = %.4f  (%s)", main_key, metrics[main_key], run_dir.path)
-    print_summary(run_dir, cfg)
+    if distributed.is_main():
+        print_summary(run_dir, cfg)
     return metrics
 
 
@@ -337,10 +360,32 @@ def main() -> None:
     # dir/path/name (whose values are not overrides and whose groups it cannot see).
     skip = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
             "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun")
-    if not any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args):
+    info_only = any(a.split("=", 1)[0] in skip or a.startswith("--cfg") for a in args)
+    if processes() > 1 and any(a in ("-m", "--multirun") for a in args):
+        # a sweep's jobs would have to stay in lockstep on every rank through Hydra's launcher (a job failing
+        # on one rank alone would stall the others): one torchrun per job, or a SLURM sweep of DDP jobs
+        fail(f"-m (a sweep) cannot run under torchrun ({processes()} processes); start one torchrun per job, or "
+             "sweep with hydra/launcher=slurm hydra.launcher.tasks_per_node=N (each job data-parallel)")
+    if not info_only:
         preflight([a for a in args if not a.startswith("-")])
+    if processes() > 1:  # torchrun: one run across the processes (README "Multi-GPU and multi-node")
+        from robustft import distributed
+        from robustft.launch import agree_on_run_dir
+
+        distributed.init()
+        if distributed.world_size() > 1 and not info_only:
+            try:
+                extra = agree_on_run_dir(args)
+            except UserError as e:
+                fail(str(e))
+            sys.argv = [sys.argv[0], *(a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))),
+                        *extra]
     FAILED_JOBS.clear()
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:
+        if "robustft.distributed" in sys.modules:
+            sys.modules["robustft.distributed"].destroy()
     if FAILED_JOBS:  # an in-process sweep ran on past them; each printed its line (and its run_info says failed)
         raise SystemExit(2)
 

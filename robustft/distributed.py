@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_CONTROL: Any = None  # a gloo group beside the job's for `settle` (a barrier with a timeout, also under NCCL)
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,18 @@ def init(timeout_s: float = 1800.0) -> DistEnv:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    global _CONTROL
+    _CONTROL = dist.new_group(backend="gloo")
     return info
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def backend() -> str | None:
+    """"gloo" or "nccl" in a process group, else None."""
+    return str(dist.get_backend()) if is_initialized() else None
 
 
 def world_size() -> int:
@@ -108,8 +116,27 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    global _CONTROL
     if is_initialized():
         dist.destroy_process_group()
+    _CONTROL = None
+
+
+def settle(timeout_s: float = 30.0) -> bool:
+    """Wait, at most `timeout_s`, until every rank got here; True if they all did.
+
+    A rank that ends with an error calls it before exiting: torchrun stops the whole job as soon as one
+    process exits with an error, so without it rank 0 could be killed while it records the failure in
+    run_info.json. A rank that is elsewhere (a failure of this rank alone) makes it time out instead of
+    hanging; it runs on its own gloo group so it cannot be mistaken for a collective of the training.
+    """
+    if world_size() == 1 or _CONTROL is None:
+        return True
+    try:
+        dist.monitored_barrier(group=_CONTROL, timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        return False
+    return True
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

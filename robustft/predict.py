@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
+from robustft import distributed
 from robustft.data import collate, eval_batches
 from robustft.methods.base import Method, task_loss
 from robustft.metrics import task_metrics
@@ -80,24 +81,36 @@ class Predictor:
 @torch.no_grad()
 def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, batch_size: int,
              device: torch.device, amp: torch.dtype | None) -> tuple[dict[str, float], np.ndarray]:
-    """Task metrics (+ loss, examples/s) on one split; returns the predictions in dataset order."""
-    model.eval()
-    preds: list[np.ndarray] = []
-    order: list[int] = []
-    loss_sum, t0 = 0.0, time.perf_counter()
+    """Task metrics (+ loss, examples/s) on one split; returns the predictions in dataset order.
 
-    for rows in eval_batches(ds, batch_size):
+    In a data-parallel run every rank scores every world-th length-sorted batch (interleaved, so the long
+    batches spread over the ranks), the batches are gathered on every rank, and rank 0 computes the metrics
+    once and broadcasts them. Batches are the single process's, so predictions and the loss (summed in
+    batch order) are the same numbers whatever the number of processes.
+    """
+    model.eval()
+    batches = eval_batches(ds, batch_size)
+    parts: list[tuple[int, list[int], np.ndarray, float]] = []
+    t0 = time.perf_counter()
+    for b in range(distributed.rank(), len(batches), distributed.world_size()):
+        rows = batches[b]
         batch = to_device(collate(ds, rows, tokenizer, task.is_regression), device)
         with autocast(device, amp):
             logits = method.predict(model, batch)
         logits = logits.float()
-        loss_sum += task_loss(logits, batch["labels"], task.is_regression).item() * len(rows)
-        preds.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
-        order.extend(rows)
+        loss = task_loss(logits, batch["labels"], task.is_regression).item() * len(rows)
+        pred = (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy()
+        parts.append((b, rows, pred, loss))
+    parts = sorted(distributed.gather_in_order(parts), key=lambda part: part[0])
     elapsed = time.perf_counter() - t0
     pred = np.empty(len(ds), dtype=np.float64 if task.is_regression else np.int64)
-    pred[order] = np.concatenate(preds)
-    metrics = task_metrics(task, pred, np.asarray(ds["label"]))  # the metrics the task config names
-    metrics["loss"] = loss_sum / len(ds)
-    metrics["examples_per_s"] = len(ds) / elapsed if elapsed > 0 else float("nan")
-    return metrics, pred
+    loss_sum = 0.0
+    for _, rows, p, loss in parts:
+        pred[rows] = p
+        loss_sum += loss
+    metrics = None
+    if distributed.is_main():
+        metrics = task_metrics(task, pred, np.asarray(ds["label"]))  # the metrics the task config names
+        metrics["loss"] = loss_sum / len(ds)
+        metrics["examples_per_s"] = len(ds) / elapsed if elapsed > 0 else float("nan")
+    return distributed.broadcast_object(metrics), pred

@@ -4,6 +4,9 @@ the records methods and stresses return (selection.json, ...).
 
 Only `RunDir` writes inside a run directory: the loop, methods, stresses and evaluators hand it data.
 Every file is written atomically (temp file + rename), so a killed run never leaves half a JSON.
+
+In a data-parallel run (robustft/distributed.py) only rank 0's `RunDir` writes: every other rank's keeps
+run_info in memory and drops the writes, so the loop, runner and evaluators call it alike on every rank.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from robustft.data import DevCarve
 
+from robustft import distributed
 from robustft.errors import Interrupted, UserError
 
 PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-core", "safetensors", "numpy"]
@@ -122,11 +126,17 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    """Owns the files of one run; `status` goes running -> completed | failed | interrupted."""
+    """Owns the files of one run; `status` goes running -> completed | failed | interrupted.
 
-    def __init__(self, path: str | Path) -> None:
+    `writer` False (default: every rank but 0 of a data-parallel run) reads but never writes: the same
+    calls keep `info` and `log_rows` in memory, so every rank runs the same code.
+    """
+
+    def __init__(self, path: str | Path, writer: bool | None = None) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.writer = distributed.is_main() if writer is None else writer
+        if self.writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.info_path = self.path / "run_info.json"
         self.info: dict[str, Any] = json.loads(self.info_path.read_text()) if self.info_path.is_file() else {}
         self._t0 = time.time()
@@ -163,17 +173,22 @@ class RunDir:
         self.save_info()
 
     def save_info(self) -> None:
-        write_json(self.info_path, self.info)
+        if self.writer:
+            write_json(self.info_path, self.info)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one curve row to metrics.jsonl (a line is written whole or not at all)."""
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        if self.writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
         self.log_rows += 1
 
     def truncate_log(self, rows: int) -> None:
         """Keep the first `rows` rows of metrics.jsonl: a resumed run logs the later ones again."""
         path = self.path / "metrics.jsonl"
+        if not self.writer:
+            self.log_rows = min(self.log_rows, rows)
+            return
         if not path.is_file() or self.log_rows <= rows:
             return
         kept = path.read_text().splitlines(keepends=True)[:rows]
@@ -185,6 +200,8 @@ class RunDir:
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Merge into metrics.json (flat `split/metric` keys); evaluators add their own keys later."""
         path = self.path / "metrics.json"
+        if not self.writer:
+            return
         current = json.loads(path.read_text()) if path.is_file() else {}
         current.update(metrics)
         write_json(path, current)
@@ -195,8 +212,16 @@ class RunDir:
         from robustft import checkpoint as ckpt  # torch: imported when a run saves, not by the CLI
 
         path = self.path / "checkpoints" / name
-        ckpt.save_checkpoint(path, model, tokenizer, state)
+        if self.writer:  # the weights are the same on every rank of a data-parallel run
+            ckpt.save_checkpoint(path, model, tokenizer, state)
         return path
+
+    def rank_log(self, rank: int) -> Path:
+        """logs/rank<r>.log: the log file of rank r > 0 of a data-parallel run (rank 0 logs to robustft.log);
+        each rank creates and writes only its own."""
+        folder = self.path / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"rank{rank}.log"
 
     def last_checkpoint(self) -> Path | None:
         from robustft import checkpoint as ckpt
@@ -206,14 +231,17 @@ class RunDir:
     def write_dynamics(self, epoch: int, rows: list[dict[str, Any]]) -> Path:
         """training_dynamics/dynamics_epoch_{epoch}.jsonl in allenai/cartography's format."""
         folder = self.path / "training_dynamics"
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"dynamics_epoch_{epoch}.jsonl"
-        write_jsonl(path, rows)
+        if self.writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, rows)
         return path
 
     def write_record(self, name: str, obj: Any) -> Path:
         """A record file (relative path): `.json` for an object, `.jsonl` for a list of rows, `.yaml` a config."""
         path = self.path / name
+        if not self.writer:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".jsonl"):
             write_jsonl(path, list(obj))
@@ -236,8 +264,10 @@ class RunDir:
     def link_stage(self, name: str, target: Path) -> Path:
         """stages/<name> -> the stage's own run directory (a symlink; a pointer file where links fail)."""
         folder = self.path / "stages"
-        folder.mkdir(parents=True, exist_ok=True)
         link = folder / name
+        if not self.writer:
+            return link
+        folder.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.is_file():
             link.unlink()
         try:
@@ -249,7 +279,8 @@ class RunDir:
     def write_dev_split(self, task: str, carve: DevCarve) -> None:
         """splits.json holds the carved dev ids (local SNLI: 9,842); run_info.json only their count and hash."""
         record = {"task": task, **carve.summary()}
-        write_json(self.path / "splits.json", {"validation": {**record, "carved_from": "train", "idx": carve.ids}})
+        if self.writer:
+            write_json(self.path / "splits.json", {"validation": {**record, "carved_from": "train", "idx": carve.ids}})
         self.update(dev_split={**record, "file": "splits.json"})
 
 

@@ -4,10 +4,15 @@
 trains (robustft/loop.py), evaluates the best checkpoint on every held-out split and runs the robustness
 evaluators. Each stage runs in `lifecycle` (robustft/rundir.py), the same status handling in run_info.json as a run.
 Everything the parts return is written into the run directory by `RunDir` (robustft/rundir.py).
+
+Data-parallel (README "Multi-GPU and multi-node"): every rank runs all of `fit` (training, the final
+evaluation, the evaluators, the stresses, a RunStage's run), each sharding the work; only rank 0's
+`RunDir` writes. Decisions about files (reuse a cached stage, discard a stale one) are rank 0's, broadcast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -21,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from robustft import checkpoint as ckpt
+from robustft import distributed
 from robustft.data import load_task, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
@@ -88,7 +94,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     set_seed(int(cfg.seed))
     method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
     metric_name = main_metric(cfg.task)  # the task's main metric (checked against its metrics)
-    device = select_device(str(tcfg.device))
+    device = data_parallel_device(select_device(str(tcfg.device)), tcfg.get("devices", "auto"))
     amp = autocast_dtype(device, str(tcfg.precision))
     init_from = resolve_ckpt_path(cfg.get("ckpt_path"))
     if not cfg.train and init_from is None:
@@ -104,9 +110,31 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
-    run.update(device=str(device), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
+    run.update(device=str(device), world_size=distributed.world_size(), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
                main_metric=f"{eval_split}/{metric_name}")
     return Setup(device, amp, tokenizer, data, model, method, ctx, evals, eval_split, metric_name), evaluators
+
+
+def data_parallel_device(device: torch.device, devices: Any) -> torch.device:
+    """This rank's device: the process group decides (torchrun/SLURM); `trainer.devices=N` checks its size.
+
+    On CUDA rank r uses cuda:<local rank> (set by distributed.init), so trainer.device must not name one GPU.
+    """
+    world = distributed.world_size()
+    if devices != "auto" and int(devices) != world:
+        raise UserError(f"trainer.devices={devices} but this run has {world} process(es); start it with "
+                        f"torchrun --nproc_per_node={devices} -m robustft ... (or set trainer.devices=auto)")
+    if world == 1:
+        return device
+    if device.type == "cuda":
+        if device.index is not None and device.index != torch.cuda.current_device():
+            raise UserError(f"trainer.device={device} in a data-parallel run, where rank {distributed.rank()} uses "
+                            f"cuda:{torch.cuda.current_device()} (its local rank); use trainer.device=auto or cuda")
+        return torch.device("cuda", torch.cuda.current_device())
+    if distributed.backend() == "nccl":
+        raise UserError("trainer.device=cpu but the process group uses NCCL (CUDA is available); use "
+                        "trainer.device=auto, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPUs")
+    return device
 
 
 def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
@@ -175,20 +203,26 @@ def run_stage(stage: RunStage, cfg: DictConfig, run: RunDir, train: Dataset) -> 
     """Run (or reuse) one stage in its own run directory; link and record it in the main run."""
     stage_cfg = stage_config(stage, cfg)
     key, source = stage_key(stage_cfg, train)
+    # Data-parallel: the stage's run is data-parallel too (all ranks train it through this same code);
+    # rank 0 alone holds the cache lock and decides reuse, the other ranks follow its decision.
     if stage.cache_dir:
         cache = Path(stage.cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
         path = cache / key
-        with file_lock(cache / f".{key}.lock"):
-            reused = is_complete(path, stage.product) and stage.reuse
+        lock = contextlib.nullcontext()
+        if distributed.is_main():
+            cache.mkdir(parents=True, exist_ok=True)
+            lock = file_lock(cache / f".{key}.lock")
+        with lock:
+            reused = distributed.broadcast_object(is_complete(path, stage.product) and stage.reuse)
             if not reused:
                 _train_stage(stage, stage_cfg, path, source)
         run.link_stage(stage.name, path)
     else:
         path = run.path / "stages" / stage.name
         reused = False
-        if not is_complete(path, stage.product):
+        if not distributed.broadcast_object(is_complete(path, stage.product)):
             _train_stage(stage, stage_cfg, path, source)
+    distributed.barrier()  # rank 0 has written the stage's metrics.json
     if reused:
         log.info("stage %s: reusing %s (model %s, seed %s)", stage.name, path, stage_cfg.model.name, stage_cfg.seed)
     metrics = json.loads((path / "metrics.json").read_text())
@@ -205,9 +239,11 @@ def _train_stage(stage: RunStage, stage_cfg: DictConfig, path: Path, source: dic
     same whether the stage was trained here or reused."""
     complete = is_complete(path, stage.product)
     resumable = (path / "checkpoints" / "last").is_dir() and not complete
-    if path.exists() and not resumable:
+    if distributed.broadcast_object(path.exists() and not resumable):
         log.info("stage %s: discarding %s (%s)", stage.name, path, "reuse=false" if complete else "incomplete")
-        shutil.rmtree(path)
+        if distributed.is_main():
+            shutil.rmtree(path)
+        distributed.barrier()
     log.info("stage %s: training %s into %s", stage.name, stage_cfg.model.name, path)
     stage_run = RunDir(path)
     stage_run.write_record("stage.json", source)

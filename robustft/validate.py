@@ -71,6 +71,10 @@ def validate_trainer(t: DictConfig) -> None:
         raise UserError(f"trainer.precision={precision} is not supported; use auto, bf16 or fp32")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise UserError(f"trainer.device={device} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+    devices = t.get("devices")
+    if devices != "auto" and (not _is_int(devices) or devices < 1):
+        raise UserError(f"trainer.devices={devices!r} must be auto or a whole number >= 1; use auto (the processes "
+                        "torchrun or SLURM start) or the number of processes the run must have, e.g. 2")
 
 
 def validate_stress(stress: DictConfig | None) -> None:
