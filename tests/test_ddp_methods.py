@@ -2,9 +2,8 @@
 with identical weights, a run interrupted and resumed ends as the uninterrupted one, and weight_mixup's
 stage 1 refuses to run data-parallel. The hooks themselves are checked in tests/test_ddp_method_hooks.py.
 
-Needs the DDP-aware loop (robustft/loop.py wraps the model in `TrainStep` inside DistributedDataParallel);
-skipped until that loop is on this branch. Every rank calls `runner.fit` with the same run directory, as
-each process of `torchrun -m robustft.cli ...` does; only rank 0 writes into it.
+Every rank calls `runner.fit` with the same run directory, as each process of `torchrun -m robustft ...`
+does; only rank 0 writes into it.
 """
 
 from __future__ import annotations
@@ -23,12 +22,7 @@ from tests.conftest import make_cfg, needs_data
 from tests.ddp_helpers import run_ranks
 from tests.test_method_contract import SELECTORS, TINY
 
-pytestmark = [
-    needs_data(),
-    pytest.mark.slow,
-    pytest.mark.skipif(not hasattr(robustft.loop, "TrainStep"),
-                       reason="needs the DDP-aware loop (robustft.loop.TrainStep, issue #18's ddp-core branch)"),
-]
+pytestmark = [needs_data(), pytest.mark.slow]
 
 METHODS = [f"method={p.stem}" for p in sorted((CONF_DIR / "method").glob("*.yaml")) if p.stem != "weight_mixup"]
 CHOICES = [*METHODS, *SELECTORS, "method=rose method.variant=first", "method=rose method.variant=second",

@@ -278,10 +278,6 @@ rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc
 def test_slurm_data_parallel_job_trains_and_requeues(tmp_path, tiny_overrides):
     """One 2-task job: both tasks run the Hydra job as one data-parallel run in one run directory; after a
     requeue (task 0 re-dumps the submission, as submitit's USR2 handler) both tasks find the run done."""
-    import robustft.loop
-
-    if not hasattr(robustft.loop, "TrainStep"):
-        pytest.skip("needs the DDP-aware loop (robustft.loop.TrainStep, issue #18's ddp-core branch)")
     from submitit.core.utils import DelayedSubmission, pickle_load
 
     from tests.ddp_helpers import free_port
