@@ -28,6 +28,13 @@ reported. Ratios are robustft's median over each Trainer arm's median, all from 
 Evaluation examples/s (robustft's ``evaluate`` on the validation split, length-sorted batches of
 ``--eval-batch-size``) is measured in fp32 and in bf16 autocast, interleaved the same way.
 
+``--device`` (auto | cpu | cuda | cuda:N; auto = cuda when available, else cpu) is where every arm runs,
+robustft's loop and the Trainer arms alike. On CUDA the bench makes only that one GPU visible
+(``CUDA_VISIBLE_DEVICES``, set before CUDA initialises): Trainer always takes ``cuda:0`` and, with several
+GPUs visible, wraps the model in ``nn.DataParallel`` (per-device batch x GPUs), which would not be the same
+batch on the same hardware. ``cpu`` hides the GPUs and sets Trainer's ``use_cpu``. A device this machine
+does not have is a one-line error.
+
 An arm the device cannot run (bf16 autocast on a CPU without AVX512-BF16 or AMX, e.g. AMD EPYC without
 AVX512) is skipped, and its table row says so (``skipped: bf16 not supported on this CPU``).
 
@@ -36,6 +43,7 @@ Examples::
     python scripts/bench_train.py                      # sst2 + rte, fp32, ~10 min on 2 cores
     python scripts/bench_train.py --quick              # ~1 min
     python scripts/bench_train.py --tasks rte --precision bf16 --repeats 3 --out bench_out/rte_bf16.json
+    python scripts/bench_train.py --device cuda:1      # on a GPU machine: robustft vs Trainer on GPU 1
 
 The machine may be shared: the load average is recorded before every timed run (JSON) and printed.
 """
@@ -48,6 +56,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -86,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-repeats", type=int, default=None, help="eval timings per precision (default: --repeats)")
     p.add_argument("--skip-eval", action="store_true", help="do not time evaluation")
     p.add_argument("--quick", action="store_true", help="small slices and eval sets (~1 min)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N: where every arm runs")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data-dir", default=None, help="GLUE-format data (default: $ROBUSTFT_DATA_DIR, else ../shared/data)")
@@ -100,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     if not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir} is not a folder (expected the layout of shared/data)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
     if args.eval_repeats is None:
         args.eval_repeats = args.repeats
     if args.repeats < 1 or args.batch_size < 1 or args.epochs < 1:
@@ -134,7 +147,7 @@ class Bench:
                      f"task.max_train_samples={n_train}", f"trainer.batch_size={self.bs}",
                      f"trainer.max_length={args.max_length}", f"trainer.precision={precision}",
                      "trainer.grad_accum=1", "trainer.group_by_length=true", "trainer.save_checkpoints=false",
-                     "resume=never"]
+                     f"trainer.device={args.run_device}", "resume=never"]
         self.cfg = compose_cfg(self.base)
         tcfg = self.cfg.trainer
         self.lr, self.weight_decay = float(tcfg.lr), float(tcfg.weight_decay)
@@ -190,7 +203,6 @@ class Bench:
 
     # --- Hugging Face Trainer ---------------------------------------------------------------------
     def run_trainer(self, arm: str, steps: int) -> dict[str, Any]:
-        import torch
         from transformers import (
             DataCollatorWithPadding,
             PrinterCallback,
@@ -237,7 +249,7 @@ class Bench:
                 max_steps=steps, learning_rate=self.lr, weight_decay=self.weight_decay,
                 warmup_steps=math.ceil(self.warmup_ratio * steps),  # = robustft's schedule exactly
                 lr_scheduler_type="linear", max_grad_norm=self.max_grad_norm, seed=self.seed,
-                bf16=self.precision == "bf16", use_cpu=not torch.cuda.is_available(),
+                bf16=self.precision == "bf16", use_cpu=self.args.run_device == "cpu",
                 eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 dataloader_num_workers=0, train_sampling_strategy="group_by_length" if dynamic else "random",
                 **extra)
@@ -263,23 +275,61 @@ class Bench:
         from robustft.predict import evaluate
         from robustft.runtime import autocast_dtype
 
-        device = bench_device()
+        device = bench_device(self.args)
         amp = autocast_dtype(device, precision)
         if precision == "bf16" and amp is None:  # callers skip such arms (unsupported()); never time fp32 as bf16
-            raise RuntimeError(unsupported(precision))
+            raise RuntimeError(unsupported(precision, device))
         model = self._eval_model = getattr(self, "_eval_model", None) or load_model(self.cfg.model, self.cfg.task).to(device)
         metrics, _ = evaluate(model, Vanilla(name="vanilla"), ds if ds is not None else self.validation, self.tokenizer,
                               self.cfg.task, self.args.eval_batch_size, device, amp)
         return float(metrics["examples_per_s"])
 
 
-def bench_device():
+def select_device(spec: str) -> str:
+    """Pin the process to `spec` before CUDA initialises; returns the device every arm uses ("cpu" or "cuda").
+
+    On CUDA exactly one GPU is left visible (the N-th of CUDA_VISIBLE_DEVICES when it is set), so that it is
+    cuda:0 for robustft and for Trainer (which takes cuda:0 and data-parallelises over every visible GPU).
+    CUDA reads CUDA_VISIBLE_DEVICES once, at its first query: hence no torch.cuda call before the variable
+    is set, and the device count is checked after it.
+    """
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    if torch.cuda.is_initialized():
+        raise SystemExit(f"bench_train.py: error: --device {spec}: CUDA was initialised before the bench could pick "
+                         "the GPU; run the script in a fresh process")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = None if visible is None else [x.strip() for x in visible.split(",") if x.strip()]
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    if ids is None or index < len(ids):
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index) if ids is None else ids[index]
+        if torch.cuda.is_available():
+            if torch.cuda.device_count() != 1:  # CUDA had already read the variable: the pin did not take
+                raise SystemExit(f"bench_train.py: error: --device {spec}: CUDA sees {torch.cuda.device_count()} "
+                                 "GPUs after pinning one; run the script in a fresh process")
+            return "cuda"
+    if spec == "auto":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # as --device cpu (also for the JSON record)
+        return "cpu"
+    if torch.version.cuda is None and torch.version.hip is None:
+        why = f"torch {torch.__version__} is built without CUDA"
+    elif ids is not None and index >= len(ids):
+        why = f"CUDA_VISIBLE_DEVICES={visible} leaves {len(ids)} GPU(s) visible"
+    else:
+        why = f"torch {torch.__version__} finds no GPU {index}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if ids else "")
+    raise SystemExit(f"bench_train.py: error: --device {spec}: {why}; use --device cpu or auto, or a GPU that exists")
 
 
-def unsupported(precision: str) -> str | None:
+def bench_device(args: argparse.Namespace):
+    import torch
+
+    return torch.device(args.run_device)
+
+
+def unsupported(precision: str, device) -> str | None:
     """Why this device cannot run `precision` (an arm to skip, with the reason in the table), else None.
 
     bf16 autocast needs CUDA with bf16 or a CPU with AVX512-BF16/AMX (robustft.runtime.autocast_dtype);
@@ -288,7 +338,6 @@ def unsupported(precision: str) -> str | None:
     from robustft.errors import UserError
     from robustft.runtime import autocast_dtype
 
-    device = bench_device()
     if precision != "bf16":
         return None
     try:  # the runner's check: an error (or, before it, None) where the device has no bf16
@@ -313,7 +362,7 @@ def bench_task(task: str, args: argparse.Namespace, precision: str, say) -> dict
         f"{args.max_length}), {b.steps} steps of {b.bs}, {precision}; eval on {len(b.validation)} validation examples")
     res: dict[str, Any] = {"n_train": b.n_train, "steps": b.steps, "mean_tokens": b.mean_len}
     t_task = time.perf_counter()
-    reason = unsupported(precision)
+    reason = unsupported(precision, bench_device(args))
     if reason:  # every training arm runs in `precision`: none can run here
         res.update(runs={}, median={}, skipped={a: reason for a in args.arms})
         say(f"  training arms skipped: {reason}", style="yellow")
@@ -357,7 +406,7 @@ def bench_training(b: Bench, args: argparse.Namespace, say) -> dict[str, Any]:
 
 def bench_eval(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
     """Evaluation examples/s in fp32 and bf16 autocast, interleaved; a precision the device lacks is skipped."""
-    skipped = {p: why for p in ("fp32", "bf16") if (why := unsupported(p))}
+    skipped = {p: why for p in ("fp32", "bf16") if (why := unsupported(p, bench_device(args)))}
     precisions = [p for p in ("fp32", "bf16") if p not in skipped]
     warm = b.validation.select(range(min(len(b.validation), args.eval_batch_size)))
     for prec in precisions:
@@ -372,13 +421,12 @@ def bench_eval(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def robustft_optimizer(cfg) -> str:
+def robustft_optimizer(cfg, device) -> str:
     """Which AdamW implementation robustft's method builds here (fused / foreach / single-tensor for-loop)."""
     import torch
     from hydra.utils import instantiate
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probe = torch.nn.Linear(2, 2).to(device)
     opt = instantiate(cfg.method).configure_optimizer(probe, cfg.trainer)
     fused, foreach = opt.defaults.get("fused"), opt.defaults.get("foreach")
@@ -400,6 +448,9 @@ def environment(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "avx512_bf16": "avx512_bf16" in flags, "amx_tile": "amx_tile" in flags,
         "cuda": torch.cuda.is_available(), "precision": precision, "requested_precision": args.precision,
+        "device": args.run_device, "requested_device": args.device,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu": torch.cuda.get_device_name(0) if args.run_device == "cuda" else None,
     }
 
 
@@ -444,7 +495,8 @@ def report(results: dict[str, Any], console) -> None:
             e.add_row(task, str(ev["n"]), str(ev["batch_size"]), cells["fp32"], cells["bf16"], ratio,
                       " | ".join(" ".join(f"{x:.0f}" for x in ev["runs"][p]) for p in ev["runs"]))
         console.print(e)
-    console.print(f"[dim]torch {env['torch']}, transformers {env['transformers']}, {env['cores']} cores, "
+    where = f"{env['gpu']} (CUDA_VISIBLE_DEVICES={env['cuda_visible_devices']})" if env["gpu"] else "cpu"
+    console.print(f"[dim]device {where}; torch {env['torch']}, transformers {env['transformers']}, {env['cores']} cores, "
                   f"{env['torch_threads']} torch threads, avx512_bf16={env['avx512_bf16']}, amx={env['amx_tile']}; "
                   f"optimizer: robustft {results.get('robustft_optim')}, Trainer {results.get('hf_optim_resolved')}; load average {results['loadavg_start']} → {results['loadavg_end']}; "
                   f"total {results['total_s']:.0f}s wall, {results['cpu_s']:.0f}s CPU[/]")
@@ -452,6 +504,7 @@ def report(results: dict[str, Any], console) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    args.run_device = select_device(args.device)  # before anything touches CUDA
     quiet()
     import torch
     from rich.console import Console
@@ -469,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def say(msg: str, style: str | None = None) -> None:
         console.print(msg, style=style, highlight=False)
 
-    device = bench_device()
+    device = bench_device(args)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if autocast_dtype(device, "auto") is not None else "fp32"
@@ -483,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task in args.tasks:
         results["tasks"][task] = bench_task(task, args, precision, say)
     with contextlib.suppress(Exception):  # informational only
-        results["robustft_optim"] = robustft_optimizer(compose_cfg([f"model={args.model}", f"data_dir={args.data_dir}"]))
+        results["robustft_optim"] = robustft_optimizer(compose_cfg([f"model={args.model}", f"data_dir={args.data_dir}"]), device)
     hf = [r.get("optim") for res in results["tasks"].values() for a, runs in res["runs"].items() if a != "robustft" for r in runs]
     results["hf_optim_resolved"] = hf[0] if hf else None
     results["loadavg_end"] = loadavg()
