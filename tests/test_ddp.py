@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from robustft.checkpoint import load_training_state
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import DATA_DIR, make_cfg, needs_data
-from tests.test_distributed_env import free_port
+from tests.ddp_helpers import free_port, run_ranks
 
 pytestmark = needs_data()
 
@@ -41,41 +40,24 @@ COMPARED = ("validation/accuracy", "validation/loss", "best/step", "train/steps"
             "cost/train_tokens", "cost/train_flops")
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str], str]], out) -> None:
-    """Run `jobs` (name, overrides, run dir) on this rank; report each job's metrics or its error type."""
-    from robustft import distributed as D
+def _run_jobs(rank: int, jobs: list[tuple[str, list[str], str]]) -> dict:
+    """Run `jobs` (name, overrides, run dir) on this rank; each job's metrics or its error type."""
     from robustft.errors import Interrupted, UserError
 
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    D.init(timeout_s=120)
     results = {}
-    try:
-        for name, overrides, path in jobs:
-            try:
-                results[name] = fit(make_cfg(overrides), RunDir(path))
-            except Interrupted:
-                results[name] = "interrupted"
-            except UserError as e:
-                results[name] = f"error: {e}"
-    finally:
-        out.put((rank, results))
-        D.destroy()
+    for name, overrides, path in jobs:
+        try:
+            results[name] = fit(make_cfg(overrides), RunDir(path))
+        except Interrupted:
+            results[name] = "interrupted"
+        except UserError as e:
+            results[name] = f"error: {e}"
+    return results
 
 
 def run_two_ranks(jobs: list[tuple[str, list[str], Path]]) -> dict[str, dict]:
     """Rank 0's results of `jobs`, run in order on a 2-process gloo group (both ranks must agree)."""
-    ctx = mp.get_context("spawn")
-    out, port = ctx.Queue(), free_port()
-    jobs = [(name, over, str(path)) for name, over, path in jobs]
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, jobs, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_run_jobs, 2, [(name, over, str(path)) for name, over, path in jobs], timeout=600)
     assert results[0].keys() == results[1].keys() == {name for name, _, _ in jobs}
     for name in results[0]:
         if isinstance(results[0][name], dict):  # every rank ends with the same (broadcast) metrics

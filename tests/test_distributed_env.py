@@ -3,13 +3,11 @@ on a real 2-process gloo group (CPU)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from robustft import distributed as D
+from tests.ddp_helpers import run_ranks
 
 
 def test_env_single_process():
@@ -53,35 +51,12 @@ def test_no_op_without_a_group():
     assert D.broadcast_object("x") == "x" and D.gather_in_order([1, 2]) == [1, 2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out) -> None:
-    import os
-
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    D.init(timeout_s=60)
-    try:
-        total = D.all_reduce_sum(torch.tensor([rank + 1.0, 10.0]))
-        a, b = D.shard_bounds(5)
-        out.put((rank, total.tolist(), D.broadcast_object(f"from {rank}"), D.gather_in_order(list(range(a, b)))))
-    finally:
-        D.destroy()
+def _collectives(rank: int) -> tuple:
+    total = D.all_reduce_sum(torch.tensor([rank + 1.0, 10.0]))
+    a, b = D.shard_bounds(5)
+    return total.tolist(), D.broadcast_object(f"from {rank}"), D.gather_in_order(list(range(a, b)))
 
 
 def test_collectives_on_two_gloo_processes():
-    ctx = mp.get_context("spawn")
-    out, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for _rank, total, msg, gathered in results:
+    for total, msg, gathered in run_ranks(_collectives, 2, timeout=120):
         assert total == [3.0, 20.0] and msg == "from 0" and gathered == [0, 1, 2, 3, 4]
