@@ -303,6 +303,7 @@ def test_slurm_data_parallel_job_trains_and_requeues(tmp_path, tiny_overrides):
         assert driver.wait(timeout=60) == 0, log.read_text()[-3000:]
         run = sweep / override_dirname(overrides) / "seed=1"
         assert info(run)["status"] == "completed" and (run / "metrics.json").is_file()
+        assert info(run)["world_size"] == 2  # one data-parallel run of both tasks, not two runs
         results = [folder / f"{ARRAY_ID}_{t}_result.pkl" for t in (0, 1)]
         assert [pickle_load(r)[0] for r in results] == ["success", "success"]
 
