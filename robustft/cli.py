@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.types import RunMode
 
     from robustft import distributed
-    from robustft.errors import Interrupted
+    from robustft.errors import Interrupted, Signalled
     from robustft.launch import rank_logging
     from robustft.progress import bars_closed
     from robustft.rundir import RunDir, lifecycle, write_error
@@ -230,7 +230,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         return None
 
     def on_term(signum: int, _frame: Any) -> None:
-        raise Interrupted(f"received signal {signum}")  # preemption / scancel: record it, keep checkpoints
+        raise Signalled(f"received signal {signum}")  # preemption / scancel: record it, keep checkpoints
 
     if "SUBMITIT_EXECUTOR" not in os.environ:  # under submitit, its own handlers checkpoint and requeue
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
@@ -244,6 +244,10 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
             # before any message below
             with bars_closed(), lifecycle(run_dir, cfg):
                 metrics = fit(cfg, run_dir)
+        except Signalled:
+            # every rank got the signal: exit at once. Waiting for the peers could deadlock with a rank blocked
+            # in a collective that waits for this one, until torchrun's kill (status left `running`)
+            raise
         except BaseException:
             distributed.settle()  # rank 0 has recorded the failure before any rank's exit stops the job
             raise

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class Interrupted(Exception):
     """A run stopped before its end (SIGTERM, preemption, `trainer.interrupt_at_step`); checkpoints are kept."""
+
+
+class Signalled(Interrupted):
+    """SIGTERM (preemption, scancel, torchrun stopping its job): it reaches every rank at about the same time."""

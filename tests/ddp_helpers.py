@@ -1,4 +1,5 @@
-"""Running a function on a real N-process gloo group (CPU) from a test: `run_ranks(fn, world, *args)`.
+"""Running a function on a real N-process gloo group (CPU) from a test: `run_ranks(fn, world, *args)`; and
+`TermLauncherAt`, a method that makes a torchrun job receive SIGTERM at a chosen moment.
 
 `fn` must be a module-level function (spawned processes import it); it runs inside an initialised process
 group with one torch thread and returns something picklable. The results come back in rank order; a rank
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from robustft import distributed as D
+from robustft.methods.vanilla import Vanilla
 
 
 def free_port() -> int:
@@ -59,3 +63,22 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3
     errors = [f"rank {r}:\n{res}" for r, status, res in got if status != "ok"]
     assert not errors, "\n".join(errors)
     return [pickle.loads(res) for _, _, res in got]
+
+
+class TermLauncherAt(Vanilla):
+    """Vanilla, except that with ROBUSTFT_TEST_TERM_AT=k in the environment, rank 1 sends SIGTERM to torchrun
+    (its parent) in its k-th training step, from Python code, while rank 0 waits for it in that step's
+    gradient all-reduce. torchrun forwards the signal to both ranks: the preemption race, made certain.
+    (`method._target_=tests.ddp_helpers.TermLauncherAt`; without the variable it trains as vanilla.)"""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.calls = 0
+
+    def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and str(self.calls) == os.environ.get("ROBUSTFT_TEST_TERM_AT"):
+            time.sleep(1.0)  # rank 0 is in its backward by now, waiting for this rank's gradients
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(60)  # the forwarded SIGTERM interrupts this sleep
+        return super().training_step(model, batch)

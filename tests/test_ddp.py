@@ -202,23 +202,21 @@ def test_trainer_devices_is_auto_or_a_count(value, ok):
 @pytest.mark.slow
 def test_sigterm_to_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
     """SIGTERM to the launcher (a preemption): run_info says interrupted; the same command resumes from the last
-    checkpoint (save_every) and ends with the uninterrupted run's weights and curves, bit for bit."""
-    import signal
-    import time
+    checkpoint (save_every) and ends with the uninterrupted run's weights and curves, bit for bit.
 
+    The signal comes in the worst case for rank 0, which must record the status (tests/ddp_helpers.TermLauncherAt):
+    rank 1 gets it in Python code and leaves, while rank 0 waits for rank 1 in a gradient all-reduce; that
+    collective fails and rank 0's own SIGTERM handler runs. (Rank 1 used to wait for its peers before exiting:
+    a deadlock with the blocked rank 0 until torchrun's kill, status left `running`; about 1 in 7 runs.)"""
     over = [f"data_dir={DATA_DIR}", "model=tiny_random", "task.max_train_samples=3000", "task.max_eval_samples=64",
             "trainer.epochs=1", "trainer.batch_size=16", "trainer.precision=fp32", "trainer.max_length=64",
-            "trainer.save_every=10", "trainer.log_every=5"]
+            "trainer.save_every=10", "trainer.log_every=5", "method._target_=tests.ddp_helpers.TermLauncherAt"]
     assert torchrun({"full": [*over, "hydra.run.dir=full"]}, tmp_path)["full"].returncode == 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ROBUSTFT_TEST_TERM_AT="15",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     cut = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                             f"--master_port={free_port()}", "-m", "robustft", *over, "hydra.run.dir=cut"],
                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not log.is_file() or log.read_text().count('"train"') < 5):
-        time.sleep(0.2)
-    cut.send_signal(signal.SIGTERM)
     assert cut.wait(timeout=120) != 0
     assert json.loads((tmp_path / "cut" / "run_info.json").read_text())["status"] == "interrupted"
     assert torchrun({"resume": [*over, "hydra.run.dir=cut"]}, tmp_path)["resume"].returncode == 0
