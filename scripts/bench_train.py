@@ -55,7 +55,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -65,7 +64,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bench_device import environment, robustft_optimizer, select_device, unsupported
 from _bench_env import REPO, quiet  # noqa: E402  (offline flags + repo on sys.path)
+from _bench_hf_trainer import run_trainer
 
 ARMS = ("robustft", "hf_dynamic", "hf_maxlen")
 DEFAULT_EXAMPLES = {"sst2": 1024, "rte": 256}  # RTE pairs average ~67 tokens (SST-2 ~13): fewer of them
@@ -201,72 +202,8 @@ class Bench:
             epoch += 1
         return total
 
-    # --- Hugging Face Trainer ---------------------------------------------------------------------
-    def run_trainer(self, arm: str, steps: int) -> dict[str, Any]:
-        from transformers import (
-            DataCollatorWithPadding,
-            PrinterCallback,
-            Trainer,
-            TrainerCallback,
-            TrainingArguments,
-            default_data_collator,
-            set_seed,
-        )
-
-        from robustft.models import load_model
-
-        class Timer(TrainerCallback):
-            t0 = t1 = None
-
-            def on_train_begin(self, args, state, control, **kw):
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                self.t1 = time.perf_counter()
-
-        class Counting:
-            """Wraps the collator to count examples and (padded / real) tokens actually trained on."""
-
-            def __init__(self, inner):
-                self.inner, self.examples, self.padded, self.real = inner, 0, 0, 0
-
-            def __call__(self, features):
-                batch = self.inner(features)
-                self.examples += len(features)
-                self.padded += batch["input_ids"].numel()
-                self.real += int(batch["attention_mask"].sum())
-                return batch
-
-        dynamic = arm == "hf_dynamic"
-        collator = Counting(DataCollatorWithPadding(self.tokenizer) if dynamic else default_data_collator)
-        set_seed(self.seed)  # same classifier-head init as fit()
-        model = load_model(self.cfg.model, self.cfg.task)
-        timer = Timer()
-        extra = {} if self.args.hf_optim == "default" else {"optim": self.args.hf_optim}
-        with tempfile.TemporaryDirectory(prefix="bench_hf_") as tmp:
-            targs = TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=self.bs, gradient_accumulation_steps=1,
-                max_steps=steps, learning_rate=self.lr, weight_decay=self.weight_decay,
-                warmup_steps=math.ceil(self.warmup_ratio * steps),  # = robustft's schedule exactly
-                lr_scheduler_type="linear", max_grad_norm=self.max_grad_norm, seed=self.seed,
-                bf16=self.precision == "bf16", use_cpu=self.args.run_device == "cpu",
-                eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
-                dataloader_num_workers=0, train_sampling_strategy="group_by_length" if dynamic else "random",
-                **extra)
-            trainer = Trainer(model=model, args=targs, train_dataset=self.train_dyn if dynamic else self.train_max,
-                              data_collator=collator, processing_class=self.tokenizer, callbacks=[timer])
-            trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict (after timing; just noise)
-            out = trainer.train()
-        elapsed = timer.t1 - timer.t0
-        return {"examples_per_s": collator.examples / elapsed, "examples": collator.examples,
-                "steps": int(out.global_step), "time_s": elapsed, "real_tokens": collator.real,
-                "padded_tokens": collator.padded,
-                "hf_train_samples_per_second": float(out.metrics.get("train_samples_per_second", float("nan"))),
-                "hf_train_runtime": float(out.metrics.get("train_runtime", float("nan"))),
-                "optim": getattr(targs.optim, "value", str(targs.optim))}
-
     def run(self, arm: str, steps: int) -> dict[str, Any]:
-        return self.run_robustft(steps) if arm == "robustft" else self.run_trainer(arm, steps)
+        return self.run_robustft(steps) if arm == "robustft" else run_trainer(self, arm, steps)
 
     # --- evaluation -------------------------------------------------------------------------------
     def eval_speed(self, precision: str, ds=None) -> float:
@@ -285,65 +222,10 @@ class Bench:
         return float(metrics["examples_per_s"])
 
 
-def select_device(spec: str) -> str:
-    """Pin the process to `spec` before CUDA initialises; returns the device every arm uses ("cpu" or "cuda").
-
-    On CUDA exactly one GPU is left visible (the N-th of CUDA_VISIBLE_DEVICES when it is set), so that it is
-    cuda:0 for robustft and for Trainer (which takes cuda:0 and data-parallelises over every visible GPU).
-    CUDA reads CUDA_VISIBLE_DEVICES once, at its first query: hence no torch.cuda call before the variable
-    is set, and the device count is checked after it.
-    """
-    import torch
-
-    if spec == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        return "cpu"
-    if torch.cuda.is_initialized():
-        raise SystemExit(f"bench_train.py: error: --device {spec}: CUDA was initialised before the bench could pick "
-                         "the GPU; run the script in a fresh process")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = None if visible is None else [x.strip() for x in visible.split(",") if x.strip()]
-    index = int(spec.split(":")[1]) if ":" in spec else 0
-    if ids is None or index < len(ids):
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index) if ids is None else ids[index]
-        if torch.cuda.is_available():
-            if torch.cuda.device_count() != 1:  # CUDA had already read the variable: the pin did not take
-                raise SystemExit(f"bench_train.py: error: --device {spec}: CUDA sees {torch.cuda.device_count()} "
-                                 "GPUs after pinning one; run the script in a fresh process")
-            return "cuda"
-    if spec == "auto":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # as --device cpu (also for the JSON record)
-        return "cpu"
-    if torch.version.cuda is None and torch.version.hip is None:
-        why = f"torch {torch.__version__} is built without CUDA"
-    elif ids is not None and index >= len(ids):
-        why = f"CUDA_VISIBLE_DEVICES={visible} leaves {len(ids)} GPU(s) visible"
-    else:
-        why = f"torch {torch.__version__} finds no GPU {index}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if ids else "")
-    raise SystemExit(f"bench_train.py: error: --device {spec}: {why}; use --device cpu or auto, or a GPU that exists")
-
-
 def bench_device(args: argparse.Namespace):
     import torch
 
     return torch.device(args.run_device)
-
-
-def unsupported(precision: str, device) -> str | None:
-    """Why this device cannot run `precision` (an arm to skip, with the reason in the table), else None.
-
-    bf16 autocast needs CUDA with bf16 or a CPU with AVX512-BF16/AMX (robustft.runtime.autocast_dtype);
-    e.g. AMD EPYC CPUs without AVX512 have neither, and an arm there would raise or silently run fp32.
-    """
-    from robustft.errors import UserError
-    from robustft.runtime import autocast_dtype
-
-    if precision != "bf16":
-        return None
-    try:  # the runner's check: an error (or, before it, None) where the device has no bf16
-        return None if autocast_dtype(device, "bf16") is not None else "bf16 not supported"
-    except UserError:
-        return f"bf16 not supported on this {'GPU' if device.type == 'cuda' else 'CPU'}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,39 +301,6 @@ def bench_eval(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
     if not skipped:
         out["bf16_over_fp32"] = out["median"]["bf16"] / out["median"]["fp32"]
     return out
-
-
-def robustft_optimizer(cfg, device) -> str:
-    """Which AdamW implementation robustft's method builds here (fused / foreach / single-tensor for-loop)."""
-    import torch
-    from hydra.utils import instantiate
-    from torch.optim.optimizer import _default_to_fused_or_foreach
-
-    probe = torch.nn.Linear(2, 2).to(device)
-    opt = instantiate(cfg.method).configure_optimizer(probe, cfg.trainer)
-    fused, foreach = opt.defaults.get("fused"), opt.defaults.get("foreach")
-    if fused is None and foreach is None:
-        fused, foreach = _default_to_fused_or_foreach(list(probe.parameters()), False, False)
-    kind = "fused" if fused else "foreach" if foreach else "for-loop (single-tensor)"
-    return f"{type(opt).__name__} {kind}"
-
-
-def environment(args: argparse.Namespace, precision: str) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "avx512_bf16": "avx512_bf16" in flags, "amx_tile": "amx_tile" in flags,
-        "cuda": torch.cuda.is_available(), "precision": precision, "requested_precision": args.precision,
-        "device": args.run_device, "requested_device": args.device,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpu": torch.cuda.get_device_name(0) if args.run_device == "cuda" else None,
-    }
 
 
 def report(results: dict[str, Any], console) -> None:
