@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from robustft.data import collate, eval_batches
 from robustft.methods.base import Method, task_loss
 from robustft.metrics import task_metrics
 from robustft.runtime import autocast, to_device
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 
 class Predictor:
@@ -35,25 +39,33 @@ class Predictor:
         """The tokenizer's unknown token; attacks put it in place of a word to measure its importance."""
         return getattr(self.tokenizer, "unk_token", None) or "[UNK]"
 
-    @torch.no_grad()
     def logits(self, texts: Sequence[tuple[str, ...]]) -> np.ndarray:
         """Raw model outputs, shape (n, num_labels); a regression model gives (n, 1)."""
+        out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
+        if not texts:
+            return out
+        enc, batches = self.encode(texts)
+        for rows in batches:
+            out[rows] = self.score(enc, rows)
+        return out
+
+    def encode(self, texts: Sequence[tuple[str, ...]]) -> tuple[BatchEncoding, list[np.ndarray]]:
+        """Tokenize `texts` once (unpadded) and cut them into length-sorted batches of row indices."""
+        enc = self.tokenizer(*zip(*texts), truncation=True, max_length=self.max_length)
+        lengths = [len(x) for x in enc["input_ids"]]
+        return enc, self._batches(np.argsort(lengths, kind="stable"), lengths)
+
+    @torch.no_grad()
+    def score(self, enc: BatchEncoding, rows: np.ndarray) -> np.ndarray:
+        """Logits of one batch: rows `rows` of `enc`, padded together; shape (len(rows), num_labels)."""
         if self.model.training:  # eval() walks every module: too slow to repeat per attack call
             self.model.eval()
-        self.queries += len(texts)
-        if not texts:
-            return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
-        enc_all = self.tokenizer(*zip(*texts), truncation=True, max_length=self.max_length)
-        lengths = [len(x) for x in enc_all["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
-        for rows in self._batches(order, lengths):
-            feats = {k: [enc_all[k][i] for i in rows] for k in enc_all.keys()}
-            batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
-            with autocast(self.device, self.amp):
-                logits = self.method.predict(self.model, batch)
-            out[rows] = logits.float().cpu().numpy()
-        return out
+        self.queries += len(rows)
+        feats = {k: [enc[k][i] for i in rows] for k in enc.keys()}
+        batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
+        with autocast(self.device, self.amp):
+            logits = self.method.predict(self.model, batch)
+        return logits.float().cpu().numpy()
 
     def _batches(self, order: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
         """Cut the length-sorted order into batches of at most batch_size whose lengths stay close.

@@ -90,15 +90,12 @@ class ShardedPredictor:
         if distributed.world_size() == 1 or not texts:
             return self.inner.logits(texts)
         p = self.inner
-        enc = p.tokenizer(*zip(*texts), truncation=True, max_length=p.max_length)
-        lengths = [len(x) for x in enc["input_ids"]]
-        batches = p._batches(np.argsort(lengths, kind="stable"), lengths)
+        enc, batches = p.encode(texts)
         # which rank takes the extra batches rotates with the call, so calls of one batch spread over the ranks
         self.calls += 1
         world = distributed.world_size()
         start, stop = distributed.shard_bounds(len(batches), world, (distributed.rank() + self.calls) % world)
-        # each batch alone: Predictor.logits re-sorts it (already sorted: stable) and keeps it one batch
-        mine = [(rows, p.logits([texts[i] for i in rows])) for rows in batches[start:stop]]
+        mine = [(rows, p.score(enc, rows)) for rows in batches[start:stop]]
         out = np.empty((len(texts), p.model.config.num_labels), dtype=np.float32)
         for rows, logits in distributed.gather_in_order(mine):  # rows place them: any rank order will do
             out[rows] = logits
