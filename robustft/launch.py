@@ -5,31 +5,24 @@ so torch (robustft/distributed.py, the process group) is imported only inside th
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from robustft.config import CONF_DIR
+from robustft.dist_env import env
 from robustft.errors import UserError
 
 
 def env_rank() -> int:
-    """This process's rank in a data-parallel launch, else 0 (as robustft.distributed.env reads it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return int(os.environ.get("RANK", "0"))
-    return int(os.environ.get("SLURM_PROCID", "0")) if processes() > 1 else 0
+    """This process's rank in a data-parallel launch, else 0."""
+    return env().rank
 
 
 def processes() -> int:
-    """The processes torchrun or a multi-task SLURM step started, read from the environment as
-    robustft.distributed.env reads it (that module imports torch, which --help and errors should not wait for)."""
-    e = os.environ
-    if int(e.get("WORLD_SIZE", "1")) > 1:
-        return int(e["WORLD_SIZE"])
-    slurm_step = "SLURM_PROCID" in e and "SLURM_STEP_NODELIST" in e
-    return int(e.get("SLURM_NTASKS", "1")) if slurm_step else 1
+    """The processes torchrun or a multi-task SLURM step started (1 without them)."""
+    return env().world_size
 
 
 def _hydra_quote(value: str) -> str:
