@@ -181,6 +181,14 @@ def test_report_cli_writes_files(tree: Path, tmp_path: Path, capsys: pytest.Capt
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+def test_plot_shows_clean_and_every_robust_score(tree: Path) -> None:
+    from robustft.report.render import plotted_columns
+
+    card = build(load_runs(tree))
+    assert [c.title for c in plotted_columns(card, "rte")] == ["rte clean", "rte AdvGLUE", "rte textfooler",
+                                                               "rte OOD anli_r1"]
+
+
 def test_report_cli_two_tasks_pools_advglue(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for task, shift in (("rte", 0.0), ("sst2", 0.2)):

@@ -166,17 +166,13 @@ def to_latex(card: Scorecard) -> str:
     return "\n".join(lines)
 
 
-def robust_column(card: Scorecard, task: str) -> Column | None:
-    """The robust score plotted beside clean accuracy: AdvGLUE, else the first attack, else the first OOD set."""
-    for kind in ("advglue", "attack", "ood"):
-        col = next((c for c in card.columns if c.task == task and c.kind == kind), None)
-        if col:
-            return col
-    return None
+def plotted_columns(card: Scorecard, task: str) -> list[Column]:
+    """The bars of a task's panel: clean first, then every robust score (AdvGLUE, each attack, each OOD set)."""
+    return [c for kind in ("clean", "advglue", "attack", "ood") for c in card.columns if c.task == task and c.kind == kind]
 
 
 def plot(card: Scorecard, path: Path) -> None:
-    """Clean vs robust score per method with ±std error bars, one panel per task (matplotlib Agg)."""
+    """Clean and every robust score per method with ±std error bars, one panel per task (matplotlib Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,17 +180,18 @@ def plot(card: Scorecard, path: Path) -> None:
     import numpy as np
 
     tasks = [c.task for c in card.columns if c.kind == "clean"]
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(max(4.5, 1.2 * len(card.labels)) * max(1, len(tasks)), 4),
-                             squeeze=False)
+    bars = max((len(plotted_columns(card, t)) for t in tasks), default=2)
+    width = max(4.5, 0.6 * bars * len(card.labels))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(width * max(1, len(tasks)), 4), squeeze=False)
     x = np.arange(len(card.labels))
     for ax, task in zip(axes[0], tasks):
-        clean = next(c for c in card.columns if c.task == task and c.kind == "clean")
-        for offset, col in ((-0.2, clean), (0.2, robust_column(card, task))):
-            if col is None:
-                continue
+        cols = plotted_columns(card, task)
+        w = 0.8 / len(cols)
+        for i, col in enumerate(cols):
             stats = [cell_stats(card.cell(lab, col)) for lab in card.labels]
-            ax.bar(x + offset, [s[0] for s in stats], 0.4, yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-                   capsize=3, label=col.title.removeprefix(f"{task} "))
+            ax.bar(x + (i - (len(cols) - 1) / 2) * w, [s[0] for s in stats], w,
+                   yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], capsize=2,
+                   label=col.title.removeprefix(f"{task} "))
         ax.set_xticks(x, card.labels, rotation=30, ha="right")
         ax.set_title(task)
         ax.set_ylabel("score")
