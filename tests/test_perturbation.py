@@ -30,8 +30,8 @@ from robustft.methods.smart import ascent_update as smart_update
 from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg, needs_data
-from tests.test_weight_mixup import batch, ctx, tiny_model
-from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+from tests.tiny_models import one_thread, tiny_model  # noqa: F401  (one_thread: module fixture)
+from tests.weight_mixup_helpers import batch, ctx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
