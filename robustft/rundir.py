@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -215,6 +216,17 @@ class RunDir:
         if self.writer:  # the weights are the same on every rank of a data-parallel run
             ckpt.save_checkpoint(path, model, tokenizer, state)
         return path
+
+    def prune_checkpoints(self, keep: str) -> None:
+        """Drop the checkpoints `trainer.keep_checkpoints` does not keep, once the run is scored: a sweep of
+        many runs for a report needs only the records. `best` keeps checkpoints/last when there is no best."""
+        folder = self.path / "checkpoints"
+        if not self.writer or keep == "all" or not folder.is_dir():
+            return
+        if keep == "none":
+            shutil.rmtree(folder)
+        elif (folder / "best").is_dir():
+            shutil.rmtree(folder / "last", ignore_errors=True)
 
     def rank_log(self, rank: int) -> Path:
         """logs/rank<r>.log: the log file of rank r > 0 of a data-parallel run (rank 0 logs to robustft.log);

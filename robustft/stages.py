@@ -29,8 +29,8 @@ from robustft.config import compose_group
 
 KEY_FORMAT = 1
 # trainer keys that do not change what a stage computes: left out of the cache key
-KEY_IGNORED_TRAINER = frozenset({"log_every", "save_every", "save_checkpoints", "eval_batch_size", "device",
-                                 "interrupt_at_step"})
+KEY_IGNORED_TRAINER = frozenset({"log_every", "save_every", "save_checkpoints", "keep_checkpoints", "eval_batch_size",
+                                 "device", "interrupt_at_step"})
 
 
 @dataclass

@@ -18,6 +18,7 @@ from robustft.errors import UserError
 
 RESUME = ("auto", "never")
 PRECISION = ("auto", "bf16", "fp32")
+KEEP_CHECKPOINTS = ("all", "best", "none")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # trainer sizes and intervals that the loop divides by or batches with; each must be >= 1
 POSITIVE_INTS = {"batch_size": 16, "eval_batch_size": 128, "grad_accum": 1, "log_every": 50, "save_every": 500}
@@ -71,6 +72,10 @@ def validate_trainer(t: DictConfig) -> None:
         raise UserError(f"trainer.precision={precision} is not supported; use auto, bf16 or fp32")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise UserError(f"trainer.device={device} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+    keep = t.get("keep_checkpoints")
+    if keep not in KEEP_CHECKPOINTS:
+        raise UserError(f"trainer.keep_checkpoints={keep} is not an option; use all, best (checkpoints/best only) "
+                        "or none (records only)")
     devices = t.get("devices")
     if devices != "auto" and (not _is_int(devices) or devices < 1):
         raise UserError(f"trainer.devices={devices!r} must be auto or a whole number >= 1; use auto (the processes "

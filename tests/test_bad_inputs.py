@@ -98,6 +98,7 @@ CONFIG_CASES = {
     "low_resource_n_0": (["stress=low_resource", "stress.low_resource.n=0"], ["stress.low_resource.n=0"]),
     "resume_maybe": (["resume=maybe"], ["resume=maybe", "auto", "never"]),
     "precision_fp16": (["trainer.precision=fp16"], ["trainer.precision=fp16", "auto, bf16 or fp32"]),
+    "keep_checkpoints_last": (["trainer.keep_checkpoints=last"], ["trainer.keep_checkpoints=last", "all, best"]),
 }
 
 

@@ -74,6 +74,32 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_overrides, stop_at):
         assert resumed[key] == full[key], key
 
 
+def timeless(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.endswith(("wall_s", "per_s"))}
+
+
+def test_keep_checkpoints_prunes_only_a_scored_run(tmp_path, tiny_overrides):
+    """best keeps checkpoints/best, none the records only, with the same metrics. An interrupted run keeps
+    checkpoints/last whatever the option, resumes from it, and is pruned when it ends."""
+    full = fit(make_cfg(tiny_overrides), RunDir(tmp_path / "all"))
+    for keep in ("best", "none"):
+        metrics = fit(make_cfg([*tiny_overrides, f"trainer.keep_checkpoints={keep}"]), RunDir(tmp_path / keep))
+        assert timeless(metrics) == timeless(full), keep
+        assert (tmp_path / keep / "metrics.json").is_file() and (tmp_path / keep / "run_info.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "all" / "checkpoints").iterdir()) == ["best", "last"]
+    assert sorted(p.name for p in (tmp_path / "best" / "checkpoints").iterdir()) == ["best"]
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "best" / "checkpoints" / "best")
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+    none = [*tiny_overrides, "trainer.keep_checkpoints=none"]
+    with pytest.raises(Interrupted):
+        fit(make_cfg([*none, "+trainer.interrupt_at_step=3"]), RunDir(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "checkpoints" / "last" / "training_state.safetensors").is_file()
+    resumed = fit(make_cfg(none), RunDir(tmp_path / "cut"))
+    assert timeless(resumed) == timeless(full)
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+
+
 def curves(run_dir) -> list[dict]:
     """metrics.jsonl rows without the wall-clock rates."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
