@@ -156,7 +156,8 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
             run.write_record(f"eval/{name}/samples.jsonl", records)
         run.write_metrics(robust)
         final.update(robust)
-    if cfg.train:  # scored: what is left of checkpoints/ is only for later use (train=false evaluates a model)
+    if cfg.train and cfg.trainer.keep_checkpoints != "all":  # scored: checkpoints/ is only for later use now
+        distributed.barrier()  # every rank has read checkpoints/best (the loop's restore_best)
         run.prune_checkpoints(str(cfg.trainer.keep_checkpoints))
     return final
 

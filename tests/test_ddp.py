@@ -87,7 +87,8 @@ def two_ranks(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
                                 ("cut", [*RESUME, "+trainer.interrupt_at_step=3"], root / "cut"),
                                 ("resumed", RESUME, root / "cut"),
                                 ("cut2", [*RESUME, "+trainer.interrupt_at_step=3"], root / "cut2"),
-                                ("devices", [*TINY, "trainer.devices=4"], root / "devices")])
+                                ("devices", [*TINY, "trainer.devices=4"], root / "devices"),
+                                ("pruned", [*TINY, "trainer.keep_checkpoints=none"], root / "pruned")])
 
 
 @pytest.mark.parametrize(("name", "over"), [("even", TINY), ("uneven", UNEVEN)])
@@ -120,6 +121,12 @@ def test_interrupted_two_rank_run_resumes_exactly(two_ranks):
     state = load_training_state(root / "cut" / "checkpoints" / "last")
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 1  # rank 1's; rank 0's is "rng"
     assert not torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])  # dropout streams diverged
+
+
+def test_keep_checkpoints_none_prunes_after_every_rank_is_done(two_ranks):
+    root, res = two_ranks
+    assert {k: res["pruned"][k] for k in COMPARED} == {k: res["even"][k] for k in COMPARED}
+    assert (root / "pruned" / "metrics.json").is_file() and not (root / "pruned" / "checkpoints").exists()
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process_with_a_warning(two_ranks, caplog):
