@@ -55,7 +55,8 @@ def _variants(user: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(user)
     except HydraException as e:
-        raise UserError(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, e.g. task=rte trainer.epochs=3") from None
+        raise UserError(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, "
+                        "e.g. task=rte trainer.epochs=3") from None
     parsed = [o for o in parsed if _sweep_values(o) is not None]
     choices = [_sweep_values(o) for o in parsed]
     keys = [o.get_key_element() for o in parsed]  # keeps the +/++/~ prefix: `+arm=x` stays `+arm=x`
@@ -71,7 +72,8 @@ def _check_group_choices(variant: list[str]) -> None:
             for choice in filter(None, (v.strip() for v in value.split(","))):
                 if choice not in _group_options(key) and choice != "null":
                     options = ", ".join(_group_options(key))
-                    raise UserError(f"unknown {key} '{choice}'; choose one of: {options} (robustft --help lists every group)")
+                    raise UserError(f"unknown {key} '{choice}'; choose one of: {options} "
+                                    "(robustft --help lists every group)")
 
 
 def _compose_checked(compose: Any, variant: list[str]) -> DictConfig:
@@ -86,7 +88,8 @@ def _compose_checked(compose: Any, variant: list[str]) -> DictConfig:
         msg = str(e).splitlines()[0]
         if "not in struct" in msg or "Could not override" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
-            raise UserError(f"unknown option '{key}'; check the spelling (robustft --cfg job prints every option)") from None
+            raise UserError(f"unknown option '{key}'; check the spelling "
+                            "(robustft --cfg job prints every option)") from None
         raise UserError(f"{msg}; robustft --help shows the valid options") from None
 
 

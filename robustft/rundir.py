@@ -218,10 +218,10 @@ class RunDir:
         return path
 
     def prune_checkpoints(self, keep: str) -> None:
-        """Drop the checkpoints `trainer.keep_checkpoints` does not keep, once the run is scored: a sweep of
+        """Drop what `trainer.keep_checkpoints` (best | none) does not keep, once the run is scored: a sweep of
         many runs for a report needs only the records. `best` keeps checkpoints/last when there is no best."""
         folder = self.path / "checkpoints"
-        if not self.writer or keep == "all" or not folder.is_dir():
+        if not self.writer or not folder.is_dir():
             return
         if keep == "none":
             shutil.rmtree(folder)
