@@ -3,11 +3,19 @@
 Training state (optimizer, scheduler, RNG, method state, progress) is stored without pickle: tensors in
 `training_state.safetensors`, everything else in `training_state.json`, with `{"__tensor__": key}`
 placeholders linking the two.
+
+Every file robustft writes into a checkpoint folder is listed with its sha256 in `checksums.sha256`
+(`sha256sum` format: `sha256sum -c checksums.sha256` checks it by hand), and `verify_checksums` checks
+it before a robustft checkpoint is loaded (resume, `ckpt_path`). A folder without the list (another tool's
+checkpoint) loads as before.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+CHECKSUMS = "checksums.sha256"
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -98,21 +107,65 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict[str, Any] | None) -> None:
-    """Write a loadable `save_pretrained` folder (+ training state when given) atomically."""
+    """Write a loadable `save_pretrained` folder (+ training state when given) atomically.
+
+    A failed write (a full disk) removes the half-written `.tmp-` folder and leaves the previous checkpoint as it
+    was; the error is an OSError naming the file, which the CLI turns into its one line.
+    """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if state is not None:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten(state, tensors)
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps(skeleton))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if state is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = flatten(state, tensors)
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            (tmp / STATE_JSON).write_text(json.dumps(skeleton))
+        write_checksums(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and "os error 28" in str(e):  # safetensors' own error for ENOSPC
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+        raise
     _replace_dir(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.sha256: every file of the folder just written (read back from the page cache: cheap)."""
+    lines = [f"{sha256_file(f)}  {f.name}\n" for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise a UserError naming the first file whose sha256 differs from what robustft recorded (a flipped
+    byte, a partial copy); no record (another tool's checkpoint) passes."""
+    from robustft.errors import UserError
+
+    record = Path(folder) / CHECKSUMS
+    if not record.is_file():
+        return
+    for line in record.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        file = Path(folder) / name
+        if not file.is_file():
+            raise UserError(f"checkpoint file {file} is missing (listed in {record}); re-copy the checkpoint or "
+                            "pass another ckpt_path")
+        if sha256_file(file) != digest:
+            raise UserError(f"checkpoint file {file} differs from what robustft saved (sha256 mismatch with {record}); "
+                            "re-copy the checkpoint, pass another ckpt_path, or rerun with resume=never")
 
 
 def find_checkpoint(path: Path) -> Path | None:

@@ -105,7 +105,8 @@ class Loop:
     def resume(self) -> None:
         """Continue from checkpoints/last when `resume=auto` finds one (weights, optimizer, RNG, state)."""
         last = self.run_dir.last_checkpoint() if self.cfg.resume == "auto" else None
-        if last is None:
+        if last is None:  # a fresh start (resume=never, or killed before the first checkpoint): a clean record
+            self.run_dir.start_over()
             return
         check_safetensors_files(last)  # a damaged checkpoint is one line naming the file, not a traceback
         state = ckpt.load_training_state(last)

@@ -126,8 +126,11 @@ def no_checkpoint_error(path: str | Path) -> UserError:
 
 
 def check_safetensors_files(ckpt: Path) -> None:
-    """Read the header of every weight file, so a corrupt or truncated one is named in one line."""
+    """Read the header of every weight file, so a corrupt or truncated one is named in one line; then, for a
+    checkpoint robustft wrote, compare every file with the sha256 recorded when it was written."""
     from safetensors import SafetensorError, safe_open
+
+    from robustft.checkpoint import verify_checksums
 
     files = [ckpt / WEIGHTS]
     if not files[0].is_file() and (ckpt / WEIGHTS_INDEX).is_file():
@@ -146,6 +149,7 @@ def check_safetensors_files(ckpt: Path) -> None:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"checkpoint file {file} is corrupt or truncated ({reason}); "
                             "re-save or re-copy it, or pass another ckpt_path") from None
+    verify_checksums(ckpt)  # robustft's own checkpoints: every file as it was written (sha256)
 
 
 def check_finite(model: torch.nn.Module, ckpt: Path) -> None:

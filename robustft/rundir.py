@@ -198,6 +198,13 @@ class RunDir:
         os.replace(tmp, path)
         self.log_rows = len(kept)
 
+    def start_over(self) -> None:
+        """Training starts from step 0 (resume=never, or no checkpoint yet): the curves and final metrics of an
+        earlier attempt in this folder go, so the record is this attempt's alone."""
+        self.truncate_log(0)
+        if self.writer:
+            (self.path / "metrics.json").unlink(missing_ok=True)
+
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Merge into metrics.json (flat `split/metric` keys); evaluators add their own keys later."""
         path = self.path / "metrics.json"

@@ -230,10 +230,14 @@ def damaged_copy(good: Path, root: Path, damage: str) -> Path:
         weights.write_bytes(bytes(range(256)) * 64)
     elif damage == "truncated":
         weights.write_bytes(blob[: len(blob) // 2])
-    elif damage == "flipped":  # all bits of classifier.weight's first floats set: NaN, file still valid
+    elif damage in ("flipped", "flipped_finite"):
         (n,) = struct.unpack("<Q", blob[:8])
         start = 8 + n + json.loads(blob[8 : 8 + n])["classifier.weight"]["data_offsets"][0]
-        blob[start : start + 16] = b"\xff" * 16
+        if damage == "flipped":  # all bits of classifier.weight's first floats set: NaN, file still valid
+            blob[start : start + 16] = b"\xff" * 16
+            (ckpt / "checksums.sha256").unlink()  # as another tool's checkpoint: no sha256 record
+        else:  # one bit of a float's mantissa: a finite value only robustft's sha256 record catches
+            blob[start] ^= 1
         weights.write_bytes(bytes(blob))
     elif damage == "pickle_only":
         state = {k: torch.zeros(1) for k in ("classifier.weight",)}
@@ -247,6 +251,7 @@ CKPT_CASES = {
     "garbage": ["model.safetensors", "corrupt or truncated"],
     "truncated": ["model.safetensors", "corrupt or truncated"],
     "flipped": ["classifier.weight", "NaN or inf"],
+    "flipped_finite": ["model.safetensors", "differs from what robustft saved", "sha256"],
     "pickle_only": ["pytorch_model.bin", "pickle", "model.safetensors"],
 }
 

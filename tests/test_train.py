@@ -106,9 +106,11 @@ def curves(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
 
 
-def test_curves_survive_a_kill_and_resume(tmp_path, tiny_overrides, monkeypatch):
-    """A kill between checkpoints (kill -9: no save) and a resume give the uninterrupted run's metrics.jsonl:
-    the row logged after the last checkpoint is not duplicated and the loss window carries over."""
+@pytest.mark.parametrize("kill_at, rows_before", [(2, [2]), (5, [2, 4])], ids=["before-first-save", "between-saves"])
+def test_curves_survive_a_kill_and_resume(tmp_path, tiny_overrides, monkeypatch, kill_at, rows_before):
+    """A kill between checkpoints (kill -9: no save), also before the first one, and a resume give the
+    uninterrupted run's metrics.jsonl: no row logged after the last checkpoint is duplicated and the loss
+    window carries over. resume=never on the finished folder starts a clean record."""
     over = [*tiny_overrides, "trainer.log_every=2", "trainer.save_every=3", "trainer.eval_every=50",
             "trainer.max_steps=8"]
     fit(make_cfg(over), RunDir(tmp_path / "full"))
@@ -118,18 +120,20 @@ def test_curves_survive_a_kill_and_resume(tmp_path, tiny_overrides, monkeypatch)
 
     original = Loop.maybe_evaluate_and_save
 
-    def kill_at_5(self, epoch_end):
+    def kill(self, epoch_end):
         stop = original(self, epoch_end)
-        if self.state.step == 5:  # the last save was at step 3, a train row was logged at step 4
+        if self.state.step == kill_at:  # saves at steps 3 and 6, train rows at 2, 4, 6, 8
             raise Killed
         return stop
 
-    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", kill_at_5)
+    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", kill)
     with pytest.raises(Killed):
         fit(make_cfg(over), RunDir(tmp_path / "cut"))
-    assert [r["step"] for r in curves(tmp_path / "cut")] == [2, 4]
+    assert [r["step"] for r in curves(tmp_path / "cut")] == rows_before
     monkeypatch.setattr(Loop, "maybe_evaluate_and_save", original)
     fit(make_cfg(over), RunDir(tmp_path / "cut"))
+    assert curves(tmp_path / "cut") == curves(tmp_path / "full")
+    fit(make_cfg([*over, "resume=never"]), RunDir(tmp_path / "cut"))
     assert curves(tmp_path / "cut") == curves(tmp_path / "full")
 
 
