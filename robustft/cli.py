@@ -75,11 +75,8 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.types import RunMode
 
     from robustft import distributed
-    from robustft.errors import Interrupted, Signalled
     from robustft.launch import rank_logging
-    from robustft.progress import bars_closed
-    from robustft.rundir import RunDir, lifecycle, write_error
-    from robustft.runner import fit
+    from robustft.rundir import RunDir, write_error
 
     distributed.init()
     hydra_cfg = HydraConfig.get()
@@ -93,6 +90,35 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         if write_error(e, dir_key) is None:
             raise
         return job_failed(write_error(e, dir_key), None)  # no run_info to record it in
+    with contextlib.ExitStack() as held:
+        problem = None
+        if distributed.is_main():  # rank 0 holds the folder for the whole data-parallel run
+            try:
+                held.enter_context(run_dir.hold(dir_key))
+                run_dir.claim_config(cfg, start_over=cfg.resume == "never", dir_key=dir_key)
+            except UserError as e:
+                problem = str(e)
+            except OSError as e:  # run_config.yaml on a full disk
+                problem = write_error(e, dir_key, run_dir.path)
+                if problem is None:
+                    raise
+        problem = distributed.broadcast_object(problem)
+        if problem is not None:  # another run's folder (or in use): its run_info is left as it is
+            return job_failed(problem, None)
+        return run_job(cfg, run_dir, sweep, dir_key)
+
+
+def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[str, float] | None:
+    """One job in its run directory (held by this run, of this config): skip a completed one, else `fit`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from robustft import distributed
+    from robustft.errors import Interrupted, Signalled
+    from robustft.progress import bars_closed
+    from robustft.rundir import lifecycle, write_error
+    from robustft.runner import fit
+
+    hydra_cfg = HydraConfig.get()
     if distributed.broadcast_object(run_dir.info.get("status") == "completed" and cfg.resume == "auto"):
         log.info("run in %s already completed; nothing to do", run_dir.path)
         if distributed.is_main():

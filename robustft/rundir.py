@@ -144,6 +144,45 @@ class RunDir:
         log = self.path / "metrics.jsonl"
         self.log_rows = sum(1 for _ in open(log)) if log.is_file() else 0  # rows in metrics.jsonl
 
+    @contextlib.contextmanager
+    def hold(self, dir_key: str) -> Iterator[None]:
+        """An exclusive lock on the folder while this process runs in it; a second run gets a UserError naming
+        the holder. flock: the kernel drops a dead process's lock, so a killed run's folder is taken over."""
+        if not self.writer:  # rank 0 holds it for the whole data-parallel run
+            yield
+            return
+        import fcntl
+
+        with open(self.path / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"run directory {self.path} is in use by {holder}; wait for that run to end, or set "
+                                f"{dir_key} to another folder") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield  # closing the file releases the lock
+
+    def claim_config(self, cfg: Any, start_over: bool, dir_key: str) -> None:
+        """run_config.yaml: the config of the folder's first start (or of `start_over`, resume=never); a rerun or
+        resume with another config (robustft/runconfig.py says which options may differ) is a UserError."""
+        from omegaconf import OmegaConf
+
+        from robustft import runconfig
+
+        path = self.path / "run_config.yaml"
+        if path.is_file() and not start_over:
+            diffs = runconfig.differences(runconfig.comparable(OmegaConf.to_container(OmegaConf.load(path))),
+                                          runconfig.comparable(cfg))
+            if diffs:
+                raise UserError(runconfig.mismatch_message(str(self.path), diffs, dir_key))
+            return
+        self.write_record(path.name, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+
     def start(self, seed: int, **fields: Any) -> None:
         attempts = self.info.get("attempts", 0) + 1
         self.info.pop("error", None)  # a previous attempt's error does not belong to this one
