@@ -67,6 +67,8 @@ def _load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None) 
     overrides = dict(OmegaConf.to_container(extra, resolve=True)) if extra else {}
     if model_cfg.get("num_layers"):
         overrides["num_hidden_layers"] = int(model_cfg.num_layers)
+    if ckpt_path:
+        check_fits(Path(ckpt_path), model_cfg, task, overrides)
     try:
         config = AutoConfig.from_pretrained(source, **label_kwargs(task), **overrides)
     except OSError as e:
@@ -158,3 +160,32 @@ def check_finite(model: torch.nn.Module, ckpt: Path) -> None:
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise UserError(f"checkpoint {ckpt}: {name} holds NaN or inf values (a corrupt file or a diverged run); "
                             "pass another ckpt_path")
+
+
+def check_fits(ckpt: Path, model_cfg: DictConfig, task: DictConfig, overrides: dict) -> None:
+    """A checkpoint of another architecture or task is one line naming both sides, before transformers' size
+    mismatch. Architecture: the sizes the model config sets on top of the checkpoint's config (config_overrides,
+    num_layers; fewer layers than the checkpoint is model.num_layers' truncation). Task: the label count and
+    problem type, when the checkpoint records a problem_type (robustft's do; a bare pretrained encoder has no
+    head to mismatch)."""
+    try:
+        saved = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt / 'config.json'} is not readable JSON ({e}); re-save the checkpoint") from None
+    for key, value in overrides.items():
+        have = saved.get(key)
+        if have is None or have == value or (key == "num_hidden_layers" and isinstance(have, int) and value < have):
+            continue
+        raise UserError(f"checkpoint {ckpt} has {key}={have} but model={model_cfg.name} sets {key}={value}; "
+                        "evaluate it with the model it was trained with, or pass another ckpt_path")
+    if not saved.get("problem_type"):
+        return
+    want = label_kwargs(task)
+    labels = [str(v)[:20] for _, v in sorted((saved.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+    count = len(labels) or int(saved.get("num_labels", 2))
+    labels = labels[:5] + ["..."] * (len(labels) > 5)
+    if count != want["num_labels"] or saved["problem_type"] != want["problem_type"]:
+        mine = "regression" if task.is_regression else f"{want['num_labels']} labels ({', '.join(map(str, task.label_names))})"
+        theirs = "regression" if saved["problem_type"] == "regression" else f"{count} labels ({', '.join(labels)})"
+        raise UserError(f"checkpoint {ckpt} was trained for {theirs} but task {task.name} has {mine}; pass the "
+                        "task it was trained on (task=...) or another ckpt_path")
