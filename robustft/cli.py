@@ -197,10 +197,12 @@ def print_summary(run_dir: Any, cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from robustft.robustness.base import selected
+
     path = run_dir.path / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     section = cfg.get("robustness") or {}
-    evaluators = [str(section[key].get("name", key)) for key in section]
+    evaluators = [str(section[key].get("name", key)) for key in selected(section)]
     n_eval = run_dir.info.get("n_eval") or {}
     table = Table(title=f"summary: {cfg.task.name}, {cfg.method.name}, {cfg.model.name}, seed {cfg.seed}",
                   title_justify="left")

@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 
 csv.field_size_limit(1 << 24)
 
@@ -32,7 +32,7 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         return None
     path = Path(value).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"data_dir '{value}' is not a folder; set data_dir=/path/to/data (the layout of shared/data)")
+        raise UserError(f"data_dir '{excerpt(value)}' is not a folder; set data_dir=/path/to/data (the layout of shared/data)")
     return path
 
 
@@ -60,11 +60,11 @@ def label_parser(task: DictConfig):
             try:
                 return float(raw)
             except ValueError:
-                raise UserError(f"{where}: label '{raw}' is not a number; task {name} is regression, fix the row") from None
+                raise UserError(f"{where}: label '{excerpt(raw)}' is not a number; task {name} is regression, fix the row") from None
         if raw in ids:
             return ids[raw]
         raise UserError(
-            f"{where}: label '{raw}' is not in task {name}'s label set {names} (or ids 0..{len(names) - 1}); fix or drop the row"
+            f"{where}: label '{excerpt(raw)}' is not in task {name}'s label set {names} (or ids 0..{len(names) - 1}); fix or drop the row"
         )
 
     return parse
@@ -98,7 +98,7 @@ def _read_rows(path: Path, spec: Mapping[str, Any], task: DictConfig) -> dict[st
             try:
                 cols = {name: header.index(col) for name, col in spec["columns"].items()}
             except ValueError as e:
-                raise UserError(f"{path}: header {header} lacks a column ({e}); fix the file or task.local columns") from None
+                raise UserError(f"{path}: header {excerpt(header)} lacks a column ({excerpt(e)}); fix the file or task.local columns") from None
             num_fields = len(header)
         else:
             cols = {name: int(col) for name, col in spec["columns"].items()}

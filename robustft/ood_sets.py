@@ -18,7 +18,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from robustft.config import CONF_DIR
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 from robustft.robustness.common import label_names, require_classification, resolve_resource
 
 csv.field_size_limit(1 << 24)
@@ -49,7 +49,7 @@ def clean_textfooler(text: str) -> str:
 def _label(raw: str, mapping: Mapping[str, str], where: str) -> str:
     key = str(raw).strip()
     if key not in mapping:
-        raise UserError(f"{where}: label '{key}' is not in the set's label map {sorted(mapping)}; fix the file "
+        raise UserError(f"{where}: label '{excerpt(key)}' is not in the set's label map {excerpt(sorted(mapping))}; fix the file "
                         "or the catalog entry in conf/robustness/ood.yaml")
     return mapping[key]
 
