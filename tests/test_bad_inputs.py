@@ -309,3 +309,30 @@ def test_good_checkpoint_still_loads(good_ckpt, tmp_path, monkeypatch, capsys):
     code, err = robustft(monkeypatch, capsys, "train=false", f"ckpt_path={good_ckpt}", f"hydra.run.dir={run}")
     assert code == 0 and err == "", err[-3000:]
     assert statuses(run) == ["completed"]
+
+
+# ---------------------------------------------------------------- command-line parsing: the quoting that works
+
+
+def test_path_with_equals_signs_gets_the_quoting_hint(good_ckpt, tmp_path, monkeypatch, capsys):
+    """A sweep's run folder (`.../trainer.epochs=1/seed=1`) as ckpt_path: Hydra's grammar rejects it unquoted;
+    the line shows `"ckpt_path='...'"`, and that quoting evaluates the checkpoint."""
+    ckpt = tmp_path / "sweep" / "trainer.epochs=1" / "seed=1"
+    shutil.copytree(good_ckpt, ckpt)
+    run = tmp_path / "run"
+    line = one_error_line(*robustft(monkeypatch, capsys, "train=false", f"ckpt_path={ckpt}", f"hydra.run.dir={run}"),
+                          "cannot parse override", f"\"ckpt_path='{ckpt}'\"")
+    assert not run.exists(), line
+    code, err = robustft(monkeypatch, capsys, "train=false", f"ckpt_path='{ckpt}'", f"hydra.run.dir={run}")
+    assert code == 0 and err == "", err[-3000:]
+    assert statuses(run) == ["completed"]
+
+
+def test_run_dir_with_accents_and_symbols(tmp_path, monkeypatch, capsys):
+    """Hydra's multi-line lexer error (exit 1) before; now one line with the quoting, and the quoted dir runs."""
+    run = tmp_path / "résumé € (1)"
+    one_error_line(*robustft(monkeypatch, capsys, f"hydra.run.dir={run}"), f"\"hydra.run.dir='{run}'\"")
+    assert not run.exists()
+    code, err = robustft(monkeypatch, capsys, f"hydra.run.dir='{run}'")
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert statuses(run) == ["completed"]
