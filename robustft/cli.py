@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from robustft import distributed
+    from robustft import distributed, threads
     from robustft.errors import Interrupted, Signalled
     from robustft.launch import rank_logging
     from robustft.progress import bars_closed
@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         return None
     catch_sigterm()
     log.info("run directory: %s", run_dir.path.resolve())
+    threads.configure(cfg.trainer.get("threads", "auto"))  # once, before any torch work of the run
     if distributed.world_size() > 1:
         log.info("data-parallel: rank %d of %d (%s)", distributed.rank(), distributed.world_size(), distributed.backend())
     try:

@@ -125,6 +125,10 @@ def validate_trainer(t: DictConfig) -> None:
     if keep not in KEEP_CHECKPOINTS:
         raise UserError(f"trainer.keep_checkpoints={keep} is not an option; use all, best (checkpoints/best only) "
                         "or none (records only)")
+    threads = t.get("threads", "auto")
+    if threads != "auto" and (not _is_int(threads) or threads < 1):
+        raise UserError(f"trainer.threads={threads!r} must be auto or a whole number >= 1; use auto (the cores "
+                        "available, divided among local jobs) or e.g. trainer.threads=1")
     devices = t.get("devices")
     if devices != "auto" and (not _is_int(devices) or devices < 1):
         raise UserError(f"trainer.devices={devices!r} must be auto or a whole number >= 1; use auto (the processes "

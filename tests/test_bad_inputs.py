@@ -114,6 +114,7 @@ CONFIG_CASES = {
     "dev_size_0": (["task=snli", "task.dev_size=0"], ["task.dev_size=0", "fraction"]),
     "eval_max_examples_0": (["trainer.eval_max_examples=0"], ["trainer.eval_max_examples=0", ">= 1"]),
     "max_grad_norm_neg": (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm=-1", ">= 0"]),
+    "threads_0": (["trainer.threads=0"], ["trainer.threads=0", "auto"]),
 }
 
 
