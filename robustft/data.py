@@ -150,12 +150,17 @@ def _load_hub(task: DictConfig) -> DatasetDict:
     """Online path: the hub's GLUE (or SNLI) with its own split names mapped onto ours."""
     from datasets import load_dataset
 
+    from robustft.hub import cache_only_if_unreachable
+
+    offline = False
     try:
-        raw = load_dataset(task.hub.path, task.hub.name)
+        with cache_only_if_unreachable() as offline:  # no retries for half a minute when the hub cannot be reached
+            raw = load_dataset(task.hub.path, task.hub.name)
     except Exception as e:  # noqa: BLE001 - any hub failure means the same fix for the user
+        why = "offline and not in the local cache" if offline else type(e).__name__
         raise UserError(
-            f"could not load {task.hub.path}/{task.hub.name} from the Hugging Face hub ({type(e).__name__}); "
-            "offline, set data_dir=/path/to/data or ROBUSTFT_DATA_DIR to a folder of GLUE-format files"
+            f"could not load {task.hub.path}/{task.hub.name} from the Hugging Face hub ({why}); "
+            "set data_dir=/path/to/data or ROBUSTFT_DATA_DIR to a folder of GLUE-format files"
         ) from None
     splits = {}
     for ours in ("train", "validation", "test"):

@@ -115,8 +115,11 @@ def _read_hub(name: str, spec: Mapping[str, Any], limit: int | None) -> OODSet:
         raise UserError(f"OOD set '{name}' exists only as a local file; set data_dir=/path/to/data (shared/data layout)")
     from datasets import load_dataset
 
+    from robustft.hub import cache_only_if_unreachable
+
     try:
-        ds = load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+        with cache_only_if_unreachable():
+            ds = load_dataset(hub["path"], hub.get("name"), split=hub["split"])
     except Exception as e:  # noqa: BLE001 - any hub failure has the same fix
         raise UserError(f"could not load {hub['path']} ({type(e).__name__}); offline, set data_dir") from None
     mapping = {str(k): str(v) for k, v in hub["labels"].items()}

@@ -337,3 +337,21 @@ def test_run_dir_with_accents_and_symbols(tmp_path, monkeypatch, capsys):
     code, err = robustft(monkeypatch, capsys, f"hydra.run.dir='{run}'")
     assert code == 0 and "Traceback" not in err, err[-3000:]
     assert statuses(run) == ["completed"]
+
+
+# ---------------------------------------------------------------- offline: one line at once, no hub retries
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model=bert_base"], ["bert-base-uncased", "not in the local Hugging Face cache", "model=minilm"]),
+    (["data_dir=null"], ["nyu-mll/glue", "offline", "data_dir="]),
+])
+def test_offline_hub_loads_fail_in_one_line(args, words, tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE (set for the tests): an uncached hub model or dataset is one line, run `failed`
+    (53 s and 29 s of retries when the hub was only unreachable: robustft/hub.py, tests/test_hub_offline.py)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("ROBUSTFT_DATA_DIR", raising=False)
+    run = tmp_path / "run"
+    code, err = robustft(monkeypatch, capsys, *args, f"hydra.run.dir={run}")  # after the helper's data_dir
+    one_error_line(code, err, *words)
+    assert statuses(run) == ["failed"]
