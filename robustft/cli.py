@@ -112,7 +112,7 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
     """One job in its run directory (held by this run, of this config): skip a completed one, else `fit`."""
     from hydra.core.hydra_config import HydraConfig
 
-    from robustft import distributed
+    from robustft import distributed, threads
     from robustft.errors import Interrupted, Signalled
     from robustft.progress import bars_closed
     from robustft.rundir import lifecycle, write_error
@@ -126,6 +126,7 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
         return None
     catch_sigterm()
     log.info("run directory: %s", run_dir.path.resolve())
+    threads.configure(cfg.trainer.get("threads", "auto"))  # once, before any torch work of the run
     if distributed.world_size() > 1:
         log.info("data-parallel: rank %d of %d (%s)", distributed.rank(), distributed.world_size(), distributed.backend())
     try:
@@ -223,10 +224,12 @@ def print_summary(run_dir: Any, cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from robustft.robustness.base import selected
+
     path = run_dir.path / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     section = cfg.get("robustness") or {}
-    evaluators = [str(section[key].get("name", key)) for key in section]
+    evaluators = [str(section[key].get("name", key)) for key in selected(section)]
     n_eval = run_dir.info.get("n_eval") or {}
     table = Table(title=f"summary: {cfg.task.name}, {cfg.method.name}, {cfg.model.name}, seed {cfg.seed}",
                   title_justify="left")

@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 
 csv.field_size_limit(1 << 24)
 
@@ -32,7 +32,7 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         return None
     path = Path(value).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"data_dir '{value}' is not a folder; set data_dir=/path/to/data (the layout of shared/data)")
+        raise UserError(f"data_dir '{excerpt(value)}' is not a folder; set data_dir=/path/to/data (the layout of shared/data)")
     return path
 
 
@@ -60,11 +60,11 @@ def label_parser(task: DictConfig):
             try:
                 return float(raw)
             except ValueError:
-                raise UserError(f"{where}: label '{raw}' is not a number; task {name} is regression, fix the row") from None
+                raise UserError(f"{where}: label '{excerpt(raw)}' is not a number; task {name} is regression, fix the row") from None
         if raw in ids:
             return ids[raw]
         raise UserError(
-            f"{where}: label '{raw}' is not in task {name}'s label set {names} (or ids 0..{len(names) - 1}); fix or drop the row"
+            f"{where}: label '{excerpt(raw)}' is not in task {name}'s label set {names} (or ids 0..{len(names) - 1}); fix or drop the row"
         )
 
     return parse
@@ -98,7 +98,7 @@ def _read_rows(path: Path, spec: Mapping[str, Any], task: DictConfig) -> dict[st
             try:
                 cols = {name: header.index(col) for name, col in spec["columns"].items()}
             except ValueError as e:
-                raise UserError(f"{path}: header {header} lacks a column ({e}); fix the file or task.local columns") from None
+                raise UserError(f"{path}: header {excerpt(header)} lacks a column ({excerpt(e)}); fix the file or task.local columns") from None
             num_fields = len(header)
         else:
             cols = {name: int(col) for name, col in spec["columns"].items()}
@@ -150,12 +150,17 @@ def _load_hub(task: DictConfig) -> DatasetDict:
     """Online path: the hub's GLUE (or SNLI) with its own split names mapped onto ours."""
     from datasets import load_dataset
 
+    from robustft.hub import cache_only_if_unreachable
+
+    offline = False
     try:
-        raw = load_dataset(task.hub.path, task.hub.name)
+        with cache_only_if_unreachable() as offline:  # no retries for half a minute when the hub cannot be reached
+            raw = load_dataset(task.hub.path, task.hub.name)
     except Exception as e:  # noqa: BLE001 - any hub failure means the same fix for the user
+        why = "offline and not in the local cache" if offline else type(e).__name__
         raise UserError(
-            f"could not load {task.hub.path}/{task.hub.name} from the Hugging Face hub ({type(e).__name__}); "
-            "offline, set data_dir=/path/to/data or ROBUSTFT_DATA_DIR to a folder of GLUE-format files"
+            f"could not load {task.hub.path}/{task.hub.name} from the Hugging Face hub ({why}); "
+            "set data_dir=/path/to/data or ROBUSTFT_DATA_DIR to a folder of GLUE-format files"
         ) from None
     splits = {}
     for ours in ("train", "validation", "test"):

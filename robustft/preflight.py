@@ -47,6 +47,44 @@ def _sweep_values(o) -> list[str] | None:
         return None
 
 
+def parse_error(overrides: list[str], error: Exception) -> UserError:
+    """Hydra's parse error as one line, with the quoting that works for the override it could not read.
+
+    A sweep's run folder holds `=` (`.../trainer.epochs=1/seed=1`) and a folder name may hold accents or
+    symbols; Hydra's grammar reads neither unquoted, and its message (a multi-line lexer report) does not
+    say that `"key='value'"` (single quotes inside the shell's double quotes) is the way to pass them.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from robustft.errors import excerpt
+
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except HydraException:
+            key, eq, value = item.partition("=")
+            if not eq:
+                break
+            quoted = value.replace("'", "\\'")  # Hydra's quoted value: only a quote needs its backslash
+            return UserError(f"cannot parse override {excerpt(item)} ({excerpt(first)}); quote the value as "
+                             f"\"{key}='{excerpt(quoted)}'\" (single quotes inside double quotes)")
+    return UserError(f"cannot parse overrides ({excerpt(first)}); use key=value, e.g. task=rte trainer.epochs=3")
+
+
+def check_syntax(overrides: list[str]) -> None:
+    """Every override (hydra.* ones too, which Hydra would report as a multi-line lexer error) parses."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise parse_error(overrides, e) from None
+
+
 def _variants(user: list[str]) -> list[list[str]]:
     """One override list with every override's first value, plus one per other swept value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -55,8 +93,7 @@ def _variants(user: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(user)
     except HydraException as e:
-        raise UserError(f"cannot parse overrides ({str(e).splitlines()[0]}); use key=value, "
-                        "e.g. task=rte trainer.epochs=3") from None
+        raise parse_error(user, e) from None
     parsed = [o for o in parsed if _sweep_values(o) is not None]
     choices = [_sweep_values(o) for o in parsed]
     keys = [o.get_key_element() for o in parsed]  # keeps the +/++/~ prefix: `+arm=x` stays `+arm=x`
@@ -123,6 +160,7 @@ def check(overrides: list[str], multirun: bool) -> None:
     (`+method.foo=1`)."""
     from hydra import compose, initialize_config_dir
 
+    check_syntax(overrides)
     variants = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         defaults = OmegaConf.create(OmegaConf.to_container(compose("config"), resolve=False))

@@ -91,6 +91,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     """Device, data (+ stresses), evaluators (checked before any training), model, method, eval splits."""
     validate(cfg)  # the CLI pre-flight ran it too; here for in-process callers and each sweep job
     tcfg, task = cfg.trainer, cfg.task
+    run.update(threads=torch.get_num_threads())  # set by the CLI (trainer.threads); in-process callers set their own
     set_seed(int(cfg.seed))
     method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
     metric_name = main_metric(cfg.task)  # the task's main metric (checked against its metrics)
@@ -111,7 +112,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
     run.update(device=str(device), world_size=distributed.world_size(), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
-               main_metric=f"{eval_split}/{metric_name}")
+               main_metric=f"{eval_split}/{metric_name}", n_eval={k: len(d) for k, d in evals.items()})
     return Setup(device, amp, tokenizer, data, model, method, ctx, evals, eval_split, metric_name), evaluators
 
 
@@ -173,7 +174,7 @@ def train(cfg: DictConfig, run: RunDir, s: Setup) -> dict[str, float]:
         run.write_record(name, obj)
     run.update(**s.method.run_info())
     train_ds = tokenize(train_raw, s.tokenizer, cfg.task, int(cfg.trainer.max_length))
-    run.update(n_train=len(train_ds), n_eval={k: len(d) for k, d in s.evals.items()})
+    run.update(n_train=len(train_ds))
     loop = Loop(cfg, run, s.model, s.method, s.tokenizer, train_ds, s.evals, s.device, s.amp, s.metric_name,
                 s.eval_split, model_stages=[st for st in declared if isinstance(st, ModelStage)])
     final: dict[str, float] = loop.run()

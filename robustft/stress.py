@@ -18,24 +18,9 @@ from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 
 from robustft.errors import UserError
+from robustft.validate import parse_ratio
 
 _STAGES = {"imbalance": 1, "low_resource": 2, "label_noise": 3}
-
-
-def parse_ratio(value: Any) -> Fraction:
-    """0.1, "0.1" or "1:10" -> Fraction(1, 10); must lie in (0, 1]."""
-    text = str(value).strip()
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            ratio = Fraction(int(a), int(b))
-        else:
-            ratio = Fraction(text).limit_denominator(10_000)
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"stress.imbalance.ratio={value!r} is not a ratio; use e.g. 0.1 or '1:10'") from None
-    if not 0 < ratio <= 1:
-        raise UserError(f"stress.imbalance.ratio={value} must be in (0, 1] (minority:majority, e.g. 1:10)")
-    return ratio
 
 
 def class_ids(value: Any, label_names: Sequence[str], key: str) -> list[int]:

@@ -10,6 +10,7 @@ that trains nothing (`epochs=0`), must fail here rather than as a traceback or a
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,7 @@ KEEP_CHECKPOINTS = ("all", "best", "none")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # trainer sizes and intervals that the loop divides by or batches with; each must be >= 1
 POSITIVE_INTS = {"batch_size": 16, "eval_batch_size": 128, "grad_accum": 1, "log_every": 50, "save_every": 500}
+SEED_MAX = 2**32 - 1  # numpy's seed range (np.random.seed, datasets' shuffle): a seed outside it is a traceback
 
 
 def _is_int(value: Any) -> bool:
@@ -46,6 +48,51 @@ def _number(key: str, value: Any, low: float, high: float | None, fix: str) -> N
         raise UserError(f"{key}={value!r} must be {where}; {fix}")
 
 
+def _seed(key: str, value: Any, optional: bool = False) -> None:
+    """A seed numpy accepts: a whole number in [0, 2**32-1] (null too when `optional`: the run seed)."""
+    if value is None and optional:
+        return
+    if not _is_int(value) or not 0 <= value <= SEED_MAX:
+        raise UserError(f"{key}={value!r} must be a whole number in [0, {SEED_MAX}] (numpy's seed range); "
+                        f"e.g. {key}=42")
+
+
+def _cap(key: str, value: Any) -> None:
+    """A sample cap: null (all) or a whole number >= 1 (0 or -1 would silently keep nothing or all but one)."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise UserError(f"{key}={value!r} must be null (all examples) or a whole number >= 1; e.g. {key}=1000")
+
+
+def parse_ratio(value: Any) -> Fraction:
+    """`stress.imbalance.ratio`: 0.1, "0.1" or "1:10" -> Fraction(1, 10); must lie in (0, 1]."""
+    text = str(value).strip()
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            ratio = Fraction(int(a), int(b))
+        else:
+            ratio = Fraction(text).limit_denominator(10_000)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"stress.imbalance.ratio={value!r} is not a ratio; use e.g. 0.1 or '1:10'") from None
+    if not 0 < ratio <= 1:
+        raise UserError(f"stress.imbalance.ratio={value} must be in (0, 1] (minority:majority); "
+                        "use e.g. 0.1 or '1:10' (null = off)")
+    return ratio
+
+
+def validate_task(task: DictConfig | None) -> None:
+    """Sample caps, the dev carve's size and seed of `cfg.task`."""
+    if task is None:
+        return
+    for name in ("max_train_samples", "max_eval_samples"):
+        _cap(f"task.{name}", task.get(name))
+    _seed("task.split_seed", task.get("split_seed"), optional=True)
+    size = task.get("dev_size")
+    if size is not None and (not _is_number(size) or size <= 0 or (size >= 1 and not float(size).is_integer())):
+        raise UserError(f"task.dev_size={size!r} must be a fraction in (0, 1) or a whole number of examples >= 1; "
+                        "e.g. task.dev_size=0.1 (null = the task's dev file)")
+
+
 def validate_trainer(t: DictConfig) -> None:
     """Sizes, intervals, the schedule, precision and device of `cfg.trainer`."""
     _number("trainer.lr", t.get("lr"), 0, None, "use a learning rate such as trainer.lr=2e-5")
@@ -60,6 +107,8 @@ def validate_trainer(t: DictConfig) -> None:
         raise UserError(f"trainer.max_steps={max_steps!r} is not a whole number; use -1 (train by epochs) or a step count")
     if max_steps <= 0 and (not _is_int(epochs) or epochs < 1):
         raise UserError(f"trainer.epochs={epochs!r} trains nothing; use trainer.epochs>=1 (or trainer.max_steps>0)")
+    _cap("trainer.eval_max_examples", t.get("eval_max_examples"))
+    _number("trainer.max_grad_norm", t.get("max_grad_norm"), 0, None, "use e.g. trainer.max_grad_norm=1.0")
     _number("trainer.weight_decay", t.get("weight_decay"), 0, None, "use e.g. trainer.weight_decay=0.01 (0 = off)")
     _number("trainer.warmup_ratio", t.get("warmup_ratio"), 0, 1,
             "it is the fraction of steps spent warming up, e.g. trainer.warmup_ratio=0.06")
@@ -76,6 +125,10 @@ def validate_trainer(t: DictConfig) -> None:
     if keep not in KEEP_CHECKPOINTS:
         raise UserError(f"trainer.keep_checkpoints={keep} is not an option; use all, best (checkpoints/best only) "
                         "or none (records only)")
+    threads = t.get("threads", "auto")
+    if threads != "auto" and (not _is_int(threads) or threads < 1):
+        raise UserError(f"trainer.threads={threads!r} must be auto or a whole number >= 1; use auto (the cores "
+                        "available, divided among local jobs) or e.g. trainer.threads=1")
     devices = t.get("devices")
     if devices != "auto" and (not _is_int(devices) or devices < 1):
         raise UserError(f"trainer.devices={devices!r} must be auto or a whole number >= 1; use auto (the processes "
@@ -83,9 +136,17 @@ def validate_trainer(t: DictConfig) -> None:
 
 
 def validate_stress(stress: DictConfig | None) -> None:
-    """`stress.low_resource.n` is a sample size: 0 or a negative size is a mistake, not "off" (null is off)."""
+    """`stress.low_resource.n` is a sample size: 0 or a negative size is a mistake, not "off" (null is off);
+    the same for an imbalance ratio of 0 (null is off), and a noise rate is a fraction."""
     if stress is None:
         return
+    _seed("stress.seed", stress.get("seed"), optional=True)
+    ratio = OmegaConf.select(stress, "imbalance.ratio", default=None)
+    if ratio is not None:
+        parse_ratio(ratio)
+    rate = OmegaConf.select(stress, "label_noise.rate", default=None)
+    if rate is not None:
+        _number("stress.label_noise.rate", rate, 0, 1, "it is the fraction of each class's labels flipped, e.g. 0.2")
     n = OmegaConf.select(stress, "low_resource.n", default=None)
     if n is None and stress.get("name") == "low_resource":
         raise UserError("stress=low_resource needs stress.low_resource.n; set e.g. stress.low_resource.n=500")
@@ -100,5 +161,7 @@ def validate(cfg: DictConfig) -> None:
     if resume not in RESUME:
         raise UserError(f"resume={resume} is not an option; use resume=auto (continue from checkpoints/last) "
                         "or resume=never (start fresh)")
+    _seed("seed", cfg.get("seed"))
     validate_trainer(cfg.trainer)
+    validate_task(cfg.get("task"))
     validate_stress(cfg.get("stress"))

@@ -99,6 +99,22 @@ CONFIG_CASES = {
     "resume_maybe": (["resume=maybe"], ["resume=maybe", "auto", "never"]),
     "precision_fp16": (["trainer.precision=fp16"], ["trainer.precision=fp16", "auto, bf16 or fp32"]),
     "keep_checkpoints_last": (["trainer.keep_checkpoints=last"], ["trainer.keep_checkpoints=last", "all, best"]),
+    # issue 25: numpy's seed range, sample caps that kept nothing (0) or all but one (-1), an imbalance
+    # ratio of 0 that ran as "off", and the other numbers of tasks and stresses with the same hole
+    "seed_negative": (["seed=-1"], ["seed=-1", "numpy's seed range"]),
+    "seed_huge": (["seed=99999999999999"], ["seed=99999999999999", "4294967295"]),
+    "max_train_samples_0": (["task.max_train_samples=0"], ["task.max_train_samples=0", "null", ">= 1"]),
+    "max_train_samples_neg": (["task.max_train_samples=-1"], ["task.max_train_samples=-1", ">= 1"]),
+    "max_eval_samples_0": (["task.max_eval_samples=0"], ["task.max_eval_samples=0", ">= 1"]),
+    "imbalance_ratio_0": (["stress=imbalance", "stress.imbalance.ratio=0"], ["stress.imbalance.ratio=0", "(0, 1]"]),
+    "imbalance_ratio_2": (["stress.imbalance.ratio=2"], ["stress.imbalance.ratio=2", "(0, 1]"]),
+    "label_noise_rate_2": (["stress.label_noise.rate=2"], ["stress.label_noise.rate=2", "[0, 1]"]),
+    "stress_seed_neg": (["stress.seed=-3"], ["stress.seed=-3", "seed range"]),
+    "split_seed_neg": (["task.split_seed=-1"], ["task.split_seed=-1", "seed range"]),
+    "dev_size_0": (["task=snli", "task.dev_size=0"], ["task.dev_size=0", "fraction"]),
+    "eval_max_examples_0": (["trainer.eval_max_examples=0"], ["trainer.eval_max_examples=0", ">= 1"]),
+    "max_grad_norm_neg": (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm=-1", ">= 0"]),
+    "threads_0": (["trainer.threads=0"], ["trainer.threads=0", "auto"]),
 }
 
 
@@ -192,6 +208,32 @@ def test_binary_train_file(tmp_path, monkeypatch, capsys):
     assert statuses(run) == ["failed"]
 
 
+def test_long_header_is_quoted_short(tmp_path, monkeypatch, capsys):
+    """A 2 MB single-line train.tsv: the error quotes ~200 characters of its "header", here and in run_info."""
+    data = tmp_path / "data"
+    folder = data / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    shutil.copy(DATA_DIR / "glue" / "SST-2" / "dev.tsv", folder / "dev.tsv")
+    (folder / "train.tsv").write_text("word " * 400_000)
+    run = tmp_path / "run"
+    line = one_error_line(*robustft(monkeypatch, capsys, f"hydra.run.dir={run}", data_dir=data),
+                          str(folder / "train.tsv"), "header", " characters)")
+    assert len(line) < 600, len(line)
+    (info,) = [json.loads(p.read_text()) for p in run.rglob("run_info.json")]
+    assert info["status"] == "failed" and len(info["error"]) < 600
+
+
+def test_emptied_recipe_evaluators_run_without_evaluators(tmp_path, monkeypatch, capsys):
+    """`experiment=quickstart 'robustness=[]'`: the recipe's textfooler options outlive the emptied list
+    (omegaconf's `Missing key robustness.textfooler.check` before); the run trains and scores without them."""
+    run = tmp_path / "run"
+    code, err = robustft(monkeypatch, capsys, "experiment=quickstart", "robustness=[]", f"hydra.run.dir={run}")
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert statuses(run) == ["completed"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "validation/accuracy" in metrics and not any(k.startswith(("textfooler/", "advglue/")) for k in metrics)
+
+
 @pytest.mark.parametrize("key, bad, good, words", [
     ("trainer.max_length", 2, 32, ["trainer.max_length=2"]),  # found inside the job (the tokenizer's needs)
     ("trainer.lr", -1e-3, 1e-3, ["trainer.lr=-0.001", ">= 0"]),  # a value robustft.validate rejects
@@ -273,3 +315,48 @@ def test_good_checkpoint_still_loads(good_ckpt, tmp_path, monkeypatch, capsys):
     code, err = robustft(monkeypatch, capsys, "train=false", f"ckpt_path={good_ckpt}", f"hydra.run.dir={run}")
     assert code == 0 and err == "", err[-3000:]
     assert statuses(run) == ["completed"]
+
+
+# ---------------------------------------------------------------- command-line parsing: the quoting that works
+
+
+def test_path_with_equals_signs_gets_the_quoting_hint(good_ckpt, tmp_path, monkeypatch, capsys):
+    """A sweep's run folder (`.../trainer.epochs=1/seed=1`) as ckpt_path: Hydra's grammar rejects it unquoted;
+    the line shows `"ckpt_path='...'"`, and that quoting evaluates the checkpoint."""
+    ckpt = tmp_path / "sweep" / "trainer.epochs=1" / "seed=1"
+    shutil.copytree(good_ckpt, ckpt)
+    run = tmp_path / "run"
+    line = one_error_line(*robustft(monkeypatch, capsys, "train=false", f"ckpt_path={ckpt}", f"hydra.run.dir={run}"),
+                          "cannot parse override", f"\"ckpt_path='{ckpt}'\"")
+    assert not run.exists(), line
+    code, err = robustft(monkeypatch, capsys, "train=false", f"ckpt_path='{ckpt}'", f"hydra.run.dir={run}")
+    assert code == 0 and err == "", err[-3000:]
+    assert statuses(run) == ["completed"]
+
+
+def test_run_dir_with_accents_and_symbols(tmp_path, monkeypatch, capsys):
+    """Hydra's multi-line lexer error (exit 1) before; now one line with the quoting, and the quoted dir runs."""
+    run = tmp_path / "résumé € (1)"
+    one_error_line(*robustft(monkeypatch, capsys, f"hydra.run.dir={run}"), f"\"hydra.run.dir='{run}'\"")
+    assert not run.exists()
+    code, err = robustft(monkeypatch, capsys, f"hydra.run.dir='{run}'")
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert statuses(run) == ["completed"]
+
+
+# ---------------------------------------------------------------- offline: one line at once, no hub retries
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model=bert_base"], ["bert-base-uncased", "not in the local Hugging Face cache", "model=minilm"]),
+    (["data_dir=null"], ["nyu-mll/glue", "offline", "data_dir="]),
+])
+def test_offline_hub_loads_fail_in_one_line(args, words, tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE (set for the tests): an uncached hub model or dataset is one line, run `failed`
+    (53 s and 29 s of retries when the hub was only unreachable: robustft/hub.py, tests/test_hub_offline.py)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("ROBUSTFT_DATA_DIR", raising=False)
+    run = tmp_path / "run"
+    code, err = robustft(monkeypatch, capsys, *args, f"hydra.run.dir={run}")  # after the helper's data_dir
+    one_error_line(code, err, *words)
+    assert statuses(run) == ["failed"]

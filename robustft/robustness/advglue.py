@@ -124,8 +124,11 @@ class AdvGLUE(Evaluator):
             return list(data[subset])
         from datasets import load_dataset
 
+        from robustft.hub import cache_only_if_unreachable
+
         try:
-            return list(load_dataset(self.hub, HUB_CONFIGS[subset], split="validation"))
+            with cache_only_if_unreachable():
+                return list(load_dataset(self.hub, HUB_CONFIGS[subset], split="validation"))
         except Exception as e:  # noqa: BLE001 - any hub failure has the same fix
             raise UserError(f"could not load {self.hub}/{HUB_CONFIGS[subset]} ({type(e).__name__}); offline, set "
                             "data_dir to a folder with advglue/dev.json") from None

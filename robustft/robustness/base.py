@@ -46,12 +46,22 @@ class Evaluator:
         raise NotImplementedError
 
 
+def selected(section: Any) -> list[str]:
+    """The keys of `cfg.robustness` that are evaluators: the group options chosen (each has a `_target_`).
+
+    A recipe's evaluator options outlive the list when the user empties it (`experiment=quickstart
+    'robustness=[]'` leaves `robustness.textfooler.num_examples`, without `_target_`): such leftovers are
+    not evaluators, and the run goes on without them.
+    """
+    return [key for key in section or {} if "_target_" in section[key]]
+
+
 def build_evaluators(cfg: DictConfig) -> list[Evaluator]:
     """Instantiate and check every selected evaluator (before any training starts)."""
     section = cfg.get("robustness") or {}
     evaluators: list[Evaluator] = []
     data_dir = resolve_data_dir(cfg.get("data_dir"))
-    for key in section:
+    for key in selected(section):
         ev = instantiate(section[key])
         ev.name = str(section[key].get("name", key))
         ev.check(cfg.task, data_dir)
