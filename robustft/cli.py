@@ -275,6 +275,8 @@ def main() -> None:
             sys.modules["robustft.distributed"].destroy()
     if FAILED_JOBS:  # an in-process sweep ran on past them; each printed its line (and its run_info says failed)
         raise SystemExit(2)
+    if getattr(sys.modules.get("robustft.slurm"), "FAILED_JOBS", None):  # a SLURM sweep's, likewise
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":
