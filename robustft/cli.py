@@ -146,7 +146,9 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
         return job_failed(str(e), run_dir)
     except Interrupted as e:
         where = f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()}" if sweep else f"hydra.run.dir={run_dir.path}"
-        fail(f"{e}; rerun the same command with {where} to resume", code=3)
+        # Ctrl-C exits 130 as shells expect (128 + SIGINT); SIGTERM and trainer.interrupt_at_step exit 3
+        code = 130 if isinstance(e, Signalled) and e.signum == signal.SIGINT else 3
+        fail(f"{e}; rerun the same command with {where} to resume", code=code)
     except OSError as e:  # a full disk or a folder turned read-only mid-run: name the path, not a traceback
         message = write_error(e, dir_key, run_dir.path)
         if message is None:
@@ -161,16 +163,20 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
 
 
 def catch_sigterm() -> None:
-    """SIGTERM (preemption, scancel, torchrun passing it on) raises `Signalled`: the run records `interrupted`
-    and keeps its checkpoints. Under submitit its own handlers checkpoint and requeue, so they stay."""
+    """SIGTERM (scancel, `scontrol requeue`, preemption, torchrun passing it on) and SIGINT (Ctrl-C) raise
+    `Signalled` wherever the run is: it records `interrupted` with the attempt's wall time, keeps its
+    checkpoints (the next attempt resumes from checkpoints/last) and the process exits at once, on every
+    rank. Under submitit too: submitit 1.5 sets SIGTERM to "bypass" (it acts only on USR2, near the time
+    limit, by checkpointing the submission and requeueing; that handler stays), so a cancelled, requeued or
+    preempted job used to train on until Slurm's SIGKILL and leave run_info `running` (issue #28)."""
     from robustft.errors import Signalled
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise Signalled(f"received signal {signum}")
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Signalled(signum)
 
-    if "SUBMITIT_EXECUTOR" not in os.environ:
-        with contextlib.suppress(ValueError):  # only the main thread may set handlers
-            signal.signal(signal.SIGTERM, on_term)
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
 
 def job_failed(message: str, run_dir: Any) -> None:
@@ -297,6 +303,8 @@ def main() -> None:
         if "robustft.distributed" in sys.modules:
             sys.modules["robustft.distributed"].destroy()
     if FAILED_JOBS:  # an in-process sweep ran on past them; each printed its line (and its run_info says failed)
+        raise SystemExit(2)
+    if getattr(sys.modules.get("robustft.slurm"), "FAILED_JOBS", None):  # a SLURM sweep's, likewise
         raise SystemExit(2)
 
 

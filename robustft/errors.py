@@ -28,4 +28,15 @@ class Interrupted(Exception):
 
 
 class Signalled(Interrupted):
-    """SIGTERM (preemption, scancel, torchrun stopping its job): it reaches every rank at about the same time."""
+    """SIGTERM (preemption, scancel, requeue, torchrun stopping its job) or SIGINT (Ctrl-C): it reaches every rank
+    at about the same time. The training loop fills in `step` (where it stopped) on its way out."""
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+    def __str__(self) -> str:
+        import signal
+
+        name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else self.signum
+        return f"interrupted at step {self.step} ({name})" if self.step is not None else f"interrupted by {name}"

@@ -12,6 +12,7 @@ one. Losses are summed on the device and read (all-reduced) only at logging, eva
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -30,7 +31,7 @@ from robustft import checkpoint as ckpt
 from robustft import distributed
 from robustft.data import collate, epoch_batches
 from robustft.dynamics import TrainingDynamics
-from robustft.errors import Interrupted, UserError
+from robustft.errors import Interrupted, Signalled, UserError
 from robustft.methods.base import LoopHandle, Method
 from robustft.models import check_safetensors_files, count_params
 from robustft.parallel import local_rows, wrap
@@ -41,6 +42,22 @@ from robustft.runtime import autocast, to_device
 from robustft.stages import ModelStage
 
 log = logging.getLogger("robustft")
+
+
+def names_the_step(run: Any) -> Any:
+    """A signal (robustft.cli.catch_sigterm raises `Signalled` wherever the loop is) leaves with the step it
+    stopped at, for the one line "interrupted at step N (SIGTERM); rerun ... to resume"."""
+
+    @functools.wraps(run)
+    def wrapped(self: Any) -> Any:
+        try:
+            return run(self)
+        except Signalled as e:
+            if e.step is None:  # an inner loop (a stage's) named it first
+                e.step = self.state.step
+            raise
+
+    return wrapped
 
 
 @dataclass
@@ -265,6 +282,7 @@ class Loop:
             self.model.load_state_dict(self.best_state)
 
     # --- the loop ------------------------------------------------------------------------------
+    @names_the_step
     def run(self) -> dict[str, Any]:
         self.resume()
         for stage in self.model_stages:  # e.g. weight_mixup's stage 1; resumable through save_last

@@ -169,6 +169,8 @@ def check(overrides: list[str], multirun: bool) -> None:
             _check_values(_compose_checked(compose, variant), variant, defaults, values=not multirun)
         hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
         check_output_dir(variants[0] + hydra_overrides, multirun)
+        if multirun:
+            check_slurm_request(variants[0] + hydra_overrides)
 
 
 def check_output_dir(overrides: list[str], multirun: bool) -> None:
@@ -185,3 +187,22 @@ def check_output_dir(overrides: list[str], multirun: bool) -> None:
     except (HydraException, OmegaConfBaseException, ValueError):
         return  # e.g. a dir built with ${hydra:...}: only a running Hydra can resolve it, and it will report
     rundir.check_output_dir(str(path), key)
+
+
+def check_slurm_request(overrides: list[str]) -> None:
+    """With hydra/launcher=slurm: a request larger than the partition's nodes (sinfo) is one line, not a job
+    that pends forever (robustft.slurm.check_request)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
+        if str(launcher.get("_target_", "")) != "hydra_plugins.robustft_slurm.launcher.SlurmLauncher":
+            return
+        launcher = OmegaConf.create(OmegaConf.to_container(launcher, resolve=False))
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return  # Hydra will report it
+    from robustft.slurm import check_request
+
+    check_request(launcher)

@@ -126,6 +126,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def slurm_job_id() -> str | None:
+    """The id `squeue`, `sacct` and the `.submitit/` folders use: `<array job id>_<task>` for an array task."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 class RunDir:
     """Owns the files of one run; `status` goes running -> completed | failed | interrupted.
 
@@ -193,7 +200,7 @@ class RunDir:
             versions=versions(),
             host=socket.gethostname(),
             argv=sys.argv,
-            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_job_id=slurm_job_id(),
             started_at=self.info.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             attempts=attempts,
             **fields,

@@ -41,6 +41,7 @@ def isolated_process_state():
     loggers = [logging.getLogger(), logging.getLogger("hydra")]
     saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
     sigterm = signal.getsignal(signal.SIGTERM)
+    sigint = signal.getsignal(signal.SIGINT)  # cli.run catches Ctrl-C too
     yield
     for lg, handlers, level in saved:
         for h in lg.handlers:
@@ -48,6 +49,7 @@ def isolated_process_state():
                 h.close()
         lg.handlers[:], lg.level = handlers, level
     signal.signal(signal.SIGTERM, sigterm)
+    signal.signal(signal.SIGINT, sigint)
     GlobalHydra.instance().clear()
 
 

@@ -237,13 +237,15 @@ def run_with_fit(tmp_path, monkeypatch, error: BaseException, mode: str = "RUN")
         cfg.hydra.sweep.dir = str(tmp_path / "sweep")
         cfg.hydra.mode = mode
     HydraConfig.instance().set_config(cfg)
-    sigterm = signal.getsignal(signal.SIGTERM)  # run() installs its own SIGTERM handler
+    sigterm = signal.getsignal(signal.SIGTERM)  # run() installs its own SIGTERM and SIGINT handlers
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as e:
             cli.run(cfg)
     finally:
         HydraConfig.instance().cfg = None
         signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, sigint)
     return e.value.code
 
 

@@ -172,7 +172,8 @@ def test_sigterm_stops_the_bar_before_the_message(tmp_path, tiny_overrides):
     os.close(leader)
     text = out.decode(errors="replace")
     assert sent and proc.returncode == 3, text[-2000:]
-    message = text.index("robustft: error: received signal 15")
+    message = text.index("robustft: error: interrupted at step ")
+    assert re.match(r"robustft: error: interrupted at step \d+ \(SIGTERM\); rerun the same command", text[message:])
     assert text.rfind("\x1b[?25h", 0, message) > text.rfind("\x1b[?25l", 0, message) >= 0  # cursor back first
     before = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text[:message])  # without colour and cursor codes
     last = before.rstrip("\r\n").rsplit("\r", 1)[-1]  # what the terminal shows on the line above the message

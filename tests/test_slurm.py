@@ -55,6 +55,8 @@ exec "$@"
 echo "JobID|State|NodeList"
 cat "$FAKE_SLURM/states" 2>/dev/null || true
 """,
+    # a roomy node, so that the pre-flight's partition check (robustft.slurm.check_request) passes
+    "sinfo": 'echo "debug*|64|256000|gpu:8"',
     "scancel": "",
     "squeue": 'echo "JOBID PARTITION NAME USER ST TIME NODES NODELIST(REASON)"',
     "scontrol": "",
@@ -88,7 +90,7 @@ def test_slurm_launcher_config_composes():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.robustft_slurm.launcher.SlurmLauncher"  # the plugin's, reporting failed jobs in one line
     for key, value in SLURM_CONF.items():  # slurm.yaml's own values win over submitit_slurm's defaults
         if key != "defaults":
             assert launcher[key] == value, key
@@ -151,7 +153,7 @@ def test_slurm_array_job_script_run_and_requeue(tmp_path, tiny_overrides):
         for task, seed in ((0, 1), (1, 2)):
             pkl = sweep / ".submitit" / f"{ARRAY_ID}_{task}" / f"{ARRAY_ID}_{task}_submitted.pkl"
             delayed = DelayedSubmission.load(pkl)
-            assert type(delayed.function).__name__ == "SlurmLauncher" and hasattr(delayed.function, "checkpoint")
+            assert type(delayed.function).__module__ == "hydra_plugins.robustft_slurm.launcher" and hasattr(delayed.function, "checkpoint")
             job_overrides, dir_key, job_num = delayed.args[:3]
             assert f"seed={seed}" in job_overrides and dir_key == "hydra.sweep.dir" and job_num == task
             assert delayed._timeout_min == SLURM_CONF.timeout_min
@@ -171,7 +173,7 @@ def test_slurm_array_job_script_run_and_requeue(tmp_path, tiny_overrides):
         for task, seed in ((0, 1), (1, 2)):
             run_info = info(runs[seed])
             assert run_info["status"] == "completed" and run_info["seed"] == seed and run_info["attempts"] == 1
-            assert run_info["slurm_job_id"] == str(ARRAY_ID + 1 + task)
+            assert run_info["slurm_job_id"] == f"{ARRAY_ID}_{task}"  # as squeue/sacct and .submitit/ name it
             assert (runs[seed] / "metrics.json").is_file() and (runs[seed] / ".hydra" / "config.yaml").is_file()
             logs = sweep / ".submitit" / f"{ARRAY_ID}_{task}"
             job_log = "".join((logs / f"{ARRAY_ID}_{task}_0_log.{x}").read_text() for x in ("out", "err"))
