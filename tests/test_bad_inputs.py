@@ -99,6 +99,9 @@ CONFIG_CASES = {
     "resume_maybe": (["resume=maybe"], ["resume=maybe", "auto", "never"]),
     "precision_fp16": (["trainer.precision=fp16"], ["trainer.precision=fp16", "auto, bf16 or fp32"]),
     "keep_checkpoints_last": (["trainer.keep_checkpoints=last"], ["trainer.keep_checkpoints=last", "all, best"]),
+    "selection_test": (["task.selection=test"], ["task.selection=test", "carve", "dev"]),
+    "selection_size_0": (["task.selection=carve", "task.selection_size=0"], ["task.selection_size=0", "fraction"]),
+    "selection_size_1_5": (["task.selection=carve", "task.selection_size=1.5"], ["task.selection_size=1.5", "count"]),
 }
 
 
