@@ -201,16 +201,19 @@ def job_failed(message: str, run_dir: Any) -> None:
     fail(message)
 
 
-def headline_rows(metrics: dict[str, Any], main_key: str | None, evaluators: list[str]) -> list[tuple[str, str, str]]:
+def headline_rows(metrics: dict[str, Any], main_key: str | None, evaluators: list[str],
+                  held_out: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """(what, metrics.json key, n) of the main metric and each evaluator's headline metric.
 
-    Headlines by what an evaluator reports, so a new evaluator needs no entry here: an attack's accuracy
+    `held_out`: the held-out split's main metric (run_info `held_out_metric`), shown below the selection
+    split's. Headlines by what an evaluator reports, so a new evaluator needs no entry here: an attack's accuracy
     under attack, else a pooled `accuracy` (AdvGLUE), else every `<set>_accuracy` (OOD sets).
     """
     rows = []
     if main_key in metrics:
         split, _, name = main_key.partition("/")
         rows.append((f"clean {split} {name}" if split == "validation" else f"{split} {name}", main_key, ""))
+    rows += [(f"clean {k.partition('/')[0]} {k.partition('/')[2]}", k, "") for k in held_out if k in metrics]
     for ev in evaluators:
         keys = [k for k in metrics if k.startswith(f"{ev}/")]
         if f"{ev}/acc_under_attack" in metrics:  # its clean accuracy too: the attacked examples are a sample
@@ -221,6 +224,17 @@ def headline_rows(metrics: dict[str, Any], main_key: str | None, evaluators: lis
         else:
             rows += [(f"{ev} {k[len(ev) + 1:-9]} accuracy", k, k[:-9] + "_n") for k in sorted(keys) if k.endswith("_accuracy")]
     return rows
+
+
+def split_role(split: str, info: dict[str, Any]) -> str:
+    """' (selection: ...)' / ' (held out: ...)' after a clean row, from run_info `splits`: which split picked the
+    checkpoint, and whether that is the number reported (task.selection=dev)."""
+    record = (info.get("splits") or {}).get(split)
+    if not record:
+        return ""
+    if record.get("role") == "selection":
+        return f" (selection: {record['source']})"
+    return f" (held out: {record['source']})"
 
 
 def print_summary(run_dir: Any, cfg: DictConfig) -> None:
@@ -241,7 +255,10 @@ def print_summary(run_dir: Any, cfg: DictConfig) -> None:
                   title_justify="left")
     for col, justify in (("metric", "left"), ("value", "right"), ("n", "right"), ("metrics.json key", "left")):
         table.add_column(col, justify=justify)
-    for what, key, n_key in headline_rows(metrics, run_dir.info.get("main_metric"), evaluators):
+    info = run_dir.info
+    held_out = (info["held_out_metric"],) if info.get("held_out_metric") else ()
+    for what, key, n_key in headline_rows(metrics, info.get("main_metric"), evaluators, held_out):
+        what += split_role(key.partition("/")[0], info) if not n_key else ""
         n = metrics.get(n_key) if n_key else n_eval.get(key.partition("/")[0])
         value = metrics[key]
         table.add_row(what, f"{value:.4f}" if isinstance(value, (int, float)) else str(value),

@@ -176,62 +176,118 @@ def _load_hub(task: DictConfig) -> DatasetDict:
     return DatasetDict(splits)
 
 
+SELECTION = ("dev", "carve")
+
+
+def ids_sha256(ids: list[int]) -> str:
+    """Hash of the comma-joined sorted ids: run_info.json keeps this, splits.json the list itself."""
+    return hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class DevCarve:
-    """A dev split carved out of train: its seed and the sorted `idx` of all its examples (before max_eval_samples)."""
+    """The selection split carved out of train: its seed and the sorted `idx` of all its examples (before
+    max_eval_samples)."""
 
     split_seed: int
     ids: list[int]
 
     @property
     def sha256(self) -> str:
-        """Hash of the comma-joined sorted ids: run_info.json keeps this, splits.json the list itself."""
-        return hashlib.sha256(",".join(map(str, self.ids)).encode()).hexdigest()
+        return ids_sha256(self.ids)
 
     def summary(self) -> dict[str, Any]:
         return {"split_seed": self.split_seed, "n": len(self.ids), "sha256": self.sha256}
 
     def check(self, recorded: Mapping[str, Any] | None, where: str) -> None:
-        """Fail if this carve is not the split a trained run recorded (the data or task.dev_size changed)."""
+        """Fail if this carve is not the split a trained run recorded (the data or task.selection_size changed)."""
         if recorded is None or (recorded["n"], recorded["sha256"]) == (len(self.ids), self.sha256):
             return
         raise UserError(
-            f"{where}: the dev split carved now (task.split_seed={self.split_seed}, {len(self.ids)} examples, "
+            f"{where}: the selection split carved now (task.split_seed={self.split_seed}, {len(self.ids)} examples, "
             f"sha256 {self.sha256[:12]}) is not the one that run recorded ({recorded['n']} examples, sha256 "
             f"{recorded['sha256'][:12]}), so it may hold training examples; evaluate with the data and "
-            "task.dev_size the model was trained with"
+            "task.selection_size the model was trained with"
         )
 
 
 class TaskData(DatasetDict):
-    """load_task's splits; `carved` is the dev split it carved out of train (None when the task has a dev file)."""
+    """load_task's splits; `carved` is the selection split carved out of train (None with task.selection=dev)."""
 
     carved: DevCarve | None = None
 
 
-def carve_dev(train: Dataset, task: DictConfig) -> tuple[Dataset, Dataset, DevCarve]:
-    """Split `task.dev_size` examples off train with `task.split_seed`, never the run seed.
+def selection_mode(task: DictConfig) -> str:
+    """task.selection: `dev` (the official dev set selects and is reported) or `carve` (a split of train selects)."""
+    return str(task.get("selection") or "dev")
 
-    With the run seed, each seed of a sweep was scored on a different dev set, and a train=false evaluation
+
+def held_out_split(task: DictConfig) -> str:
+    """The split attacks score and reports read as held out: `test` when selection carves (the official dev,
+    or the official test where the task has one, SNLI), else `validation` (the official dev, as GLUE reports)."""
+    return "test" if selection_mode(task) == "carve" else "validation"
+
+
+def official_source(task: DictConfig, split: str, local: bool) -> str | None:
+    """Which official split (key of task.local / task.hub) becomes our `split`; None = carved out of train.
+
+    With selection=carve, `test` is the official test where the task has one (SNLI), else the official dev.
+    """
+    if selection_mode(task) != "carve" or split == "train":
+        return split
+    if split == "validation":
+        return None
+    have = task.get("local") or {} if local else {k: v for k, v in (task.get("hub") or {}).items() if v}
+    return "test" if "test" in have else "validation"
+
+
+def carve_dev(train: Dataset, task: DictConfig) -> tuple[Dataset, Dataset, DevCarve]:
+    """Split `task.selection_size` examples off train with `task.split_seed`, never the run seed.
+
+    With the run seed, each seed of a sweep was selected on a different set, and a train=false evaluation
     without the training seed carved a "dev" set holding training examples.
     """
-    if not task.get("dev_size"):
-        raise UserError(f"task {task.name} has no validation split; set task.dev_size to carve one out of train")
+    if not task.get("selection_size"):
+        raise UserError(f"task {task.name}: task.selection=carve needs task.selection_size (a count, or a fraction "
+                        "of train); e.g. task.selection_size=0.1")
     if task.get("split_seed") is None:
-        raise UserError(f"task {task.name} carves its dev split out of train but has no task.split_seed; "
-                        "add split_seed: 42 beside dev_size in its task YAML")
-    size = float(task.dev_size) if float(task.dev_size) < 1 else int(task.dev_size)
+        raise UserError(f"task {task.name} carves its selection split out of train but has no task.split_seed; "
+                        "add split_seed: 42 beside selection_size in its task YAML")
+    size = float(task.selection_size) if float(task.selection_size) < 1 else int(task.selection_size)
+    if isinstance(size, int) and size >= len(train):
+        raise UserError(f"task.selection_size={size} leaves no training data ({len(train)} training examples); "
+                        "use a smaller count or a fraction such as task.selection_size=0.1")
     parts = train.train_test_split(test_size=size, seed=int(task.split_seed), shuffle=True)
     carve = DevCarve(int(task.split_seed), sorted(int(i) for i in parts["test"]["idx"]))
     return parts["train"], parts["test"], carve
 
 
+def arrange_splits(ds: TaskData, task: DictConfig, local: bool) -> None:
+    """Name the splits by role: `validation` selects, `test` is held out (task.selection; see official_source)."""
+    if selection_mode(task) == "carve":
+        official = {split: ds.pop(split) for split in ("validation", "test") if split in ds}
+        source = official_source(task, "test", local)
+        if source in official:
+            ds["test"] = official[source]
+        if "train" in ds:
+            ds["train"], ds["validation"], ds.carved = carve_dev(ds["train"], task)
+    elif "validation" not in ds:
+        raise UserError(f"task {task.name} has no official dev set {'in the local bundle' if local else 'here'}; "
+                        "use task.selection=carve (a selection split carved out of train)")
+
+
 def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: bool = True) -> TaskData:
-    """Load a task's splits, carve a dev split (task.split_seed) if needed, and apply the sample caps."""
+    """Load a task's splits, carve the selection split (task.selection=carve, task.split_seed), apply the caps.
+
+    The carve comes out of the full train set before `max_train_samples` draws the training subset (with
+    the run seed) from the rest, so the selection split is the same for every seed and never overlaps training.
+    """
     root = resolve_data_dir(data_dir)
-    # With a dev file, cap train while reading it (the same rows and order as the shuffle-and-select
-    # below); without one, the dev split is carved out of the full train first.
-    early_cap = int(task.max_train_samples or 0) if root is not None and "validation" in task.local else 0
+    if selection_mode(task) not in SELECTION:
+        raise UserError(f"task.selection={task.get('selection')} is not an option; use dev or carve")
+    # With selection=dev, cap train while reading it (the same rows and order as the shuffle-and-select
+    # below); with carve, the selection split is carved out of the full train first.
+    early_cap = int(task.max_train_samples or 0) if root is not None and selection_mode(task) == "dev" else 0
     ds = TaskData(_load_local(task, root, early_cap, seed) if root is not None else _load_hub(task))
     if need_train and "train" not in ds:
         where = f"{root}/{task.local.train.file}" if root is not None else f"{task.hub.path}"
@@ -239,19 +295,63 @@ def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: boo
             f"task {task.name} has no training file ({where}); train on the hub (data_dir=null, online) "
             "or evaluate only with train=false"
         )
-    if "validation" not in ds and "train" in ds:
-        ds["train"], ds["validation"], ds.carved = carve_dev(ds["train"], task)
+    arrange_splits(ds, task, local=root is not None)
     # The training subsample uses the run seed (seeds of a sweep see different slices), drawn after the carve.
     if task.max_train_samples and "train" in ds and not early_cap:
         n = min(int(task.max_train_samples), len(ds["train"]))
         ds["train"] = ds["train"].shuffle(seed=seed).select(range(n))
-    if task.max_eval_samples:
-        for split in [s for s in ds if s != "train"]:
-            ds[split] = ds[split].select(range(min(int(task.max_eval_samples), len(ds[split]))))
+    for split in [s for s in ds if s != "train"]:
+        ds[split] = cap_eval(ds[split], task)
     for split, d in ds.items():
         if len(d) == 0:
             raise UserError(f"task {task.name}: split '{split}' is empty; check the data files and max_*_samples")
     return ds
+
+
+def cap_eval(ds: Dataset, task: DictConfig) -> Dataset:
+    """`task.max_eval_samples`: the first N examples of an evaluation split."""
+    if not task.max_eval_samples:
+        return ds
+    return ds.select(range(min(int(task.max_eval_samples), len(ds))))
+
+
+def load_split(task: DictConfig, data_dir: str | Path | None, seed: int, split: str) -> Dataset:
+    """One evaluation split as load_task names it, reading only its own file where the bundle has one.
+
+    Saves reading a large train file (SST-2: 67k rows) just to attack a few held-out examples.
+    """
+    root = resolve_data_dir(str(data_dir) if data_dir else None)
+    source = official_source(task, split, local=root is not None)
+    if root is not None and source is not None and source != "train" and source in task.local:
+        spec = OmegaConf.to_container(task.local[source])
+        ds = cap_eval(Dataset.from_dict(read_glue_tsv(root / spec["file"], spec, task)), task)
+        if len(ds) == 0:
+            raise UserError(f"task {task.name}: split '{split}' is empty; check the data files and max_*_samples")
+        return ds
+    data = load_task(task, str(root) if root else None, seed, need_train=False)
+    if split not in data:
+        raise UserError(f"split '{split}' is not a split of task {task.name} ({', '.join(data)}) with "
+                        f"task.selection={selection_mode(task)}; choose one of them")
+    return data[split]
+
+
+def split_records(data: DatasetDict, task: DictConfig, data_dir: str | None) -> dict[str, dict[str, Any]]:
+    """run_info.json `splits`: each split's role, where it comes from, size and sha256 of its sorted ids
+    (train: the pool after max_train_samples, before a stress or a method's own selection)."""
+    carve, out = selection_mode(task) == "carve", {}
+    local = resolve_data_dir(data_dir) is not None
+    for split, ds in data.items():
+        if split == "train":
+            role, source = "train", "train"
+        elif split == "validation":
+            role = "selection"
+            source = f"train, carved with split_seed {task.get('split_seed')}" if carve else "official dev"
+        elif split == held_out_split(task):
+            role, source = "held-out", f"official {'test' if official_source(task, split, local) == 'test' else 'dev'}"
+        else:
+            role, source = "held-out", "official test"
+        out[split] = {"role": role, "source": source, "n": len(ds), "sha256": ids_sha256([int(i) for i in ds["idx"]])}
+    return out
 
 
 def tokenize(ds: Dataset, tokenizer, task: DictConfig, max_length: int) -> Dataset:

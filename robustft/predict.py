@@ -126,3 +126,10 @@ def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, ba
         metrics["loss"] = loss_sum / len(ds)
         metrics["examples_per_s"] = len(ds) / elapsed if elapsed > 0 else float("nan")
     return distributed.broadcast_object(metrics), pred
+
+
+def prediction_rows(ds: Dataset, pred: np.ndarray) -> list[dict[str, int | float]]:
+    """predictions/<split>.jsonl rows: the dataset's `idx`, gold `label` and `pred` (class index, or the float
+    of a regression) of each example, in dataset order: per-example records make paired tests over examples
+    possible (robustft-report)."""
+    return [{"idx": int(i), "label": label, "pred": p.item()} for i, label, p in zip(ds["idx"], ds["label"], pred)]

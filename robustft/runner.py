@@ -27,14 +27,14 @@ from transformers import set_seed
 
 from robustft import checkpoint as ckpt
 from robustft import distributed
-from robustft.data import load_task, tokenize
+from robustft.data import held_out_split, load_task, selection_mode, split_records, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
 from robustft.methods.base import Method, TrainContext, build_method
 from robustft.metrics import main_metric
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer, no_checkpoint_error
 from robustft.ood_sets import dev_split
-from robustft.predict import Predictor, evaluate
+from robustft.predict import Predictor, evaluate, prediction_rows
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.rundir import RunDir, lifecycle, trained_split
 from robustft.runtime import autocast_dtype, select_device
@@ -77,8 +77,9 @@ def load_data(cfg: DictConfig, run: RunDir, recorded: dict | None) -> DatasetDic
     run's on train=false); training-time stresses (train split only) are applied and recorded."""
     task = cfg.task
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
-    run.update(split_seed=task.get("split_seed"))
-    if data.carved is not None:  # the dev split came out of train: record it, and check it is the trained run's
+    run.update(split_seed=task.get("split_seed"), selection=selection_mode(task),
+               splits=split_records(data, task, cfg.data_dir))
+    if data.carved is not None:  # the selection split came out of train: record it, check it is the trained run's
         data.carved.check(recorded, f"ckpt_path={cfg.ckpt_path}")
         run.write_dev_split(str(task.name), data.carved)
     data, stress = apply_stress(data, cfg)
@@ -112,7 +113,8 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
         data[eval_split] = dev_split(eval_split, cfg, tcfg.get("eval_max_examples"))
     evals = {s: tokenize(d, tokenizer, task, int(tcfg.max_length)) for s, d in data.items() if s != "train"}
     run.update(device=str(device), world_size=distributed.world_size(), precision="bf16" if amp is not None else "fp32", n_params=count_params(model),
-               main_metric=f"{eval_split}/{metric_name}", n_eval={k: len(d) for k, d in evals.items()})
+               main_metric=f"{eval_split}/{metric_name}", main_metric_role="selection", n_eval={k: len(d) for k, d in evals.items()},
+               held_out_metric=f"{held_out_split(task)}/{metric_name}" if held_out_split(task) in evals else None)
     return Setup(device, amp, tokenizer, data, model, method, ctx, evals, eval_split, metric_name), evaluators
 
 
@@ -144,10 +146,11 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     final: dict[str, float] = {}
     if cfg.train:
         final.update(train(cfg, run, s))
-    for split, ds in s.evals.items():  # final evaluation of the best checkpoint on every held-out split
-        metrics, _ = evaluate(s.model, s.method, ds, s.tokenizer, cfg.task, int(cfg.trainer.eval_batch_size),
-                              s.device, s.amp)
+    for split, ds in s.evals.items():  # final evaluation of the best checkpoint on every scored split
+        metrics, pred = evaluate(s.model, s.method, ds, s.tokenizer, cfg.task, int(cfg.trainer.eval_batch_size),
+                                 s.device, s.amp)
         final.update({f"{split}/{k}": v for k, v in metrics.items()})
+        run.write_record(f"predictions/{split}.jsonl", prediction_rows(ds, pred))  # per example, for paired tests
     run.write_metrics(final)
     if evaluators:
         predictor = Predictor(s.model, s.tokenizer, s.method, s.device, s.amp, int(cfg.trainer.max_length),
@@ -261,20 +264,37 @@ def _train_stage(stage: RunStage, stage_cfg: DictConfig, path: Path, source: dic
 
 
 def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
-    """train=false: carve the dev split the evaluated model was trained beside (its run's split seed).
+    """train=false: carve the selection split the evaluated model was trained beside (its run's selection
+    mode and split seed).
 
-    Sets cfg.task.split_seed, which evaluators reloading the data (attacks) also read; returns the run's
-    dev_split record (count + sha256 of the ids) for the check after the carve, or None.
+    Sets cfg.task.selection and cfg.task.split_seed, which evaluators reloading the data (attacks) also read;
+    returns the run's dev_split record (count + sha256 of the carved ids) for the check after the carve, or None.
     """
     if cfg.train or init_from is None:
         return None
     split_seed, recorded = trained_split(init_from, str(cfg.task.name))
+    mode = "carve" if recorded is not None else trained_selection(init_from)
+    if mode is not None and mode != selection_mode(cfg.task):
+        log.info("task.selection=%s -> %s, the selection of the run that trained %s", selection_mode(cfg.task), mode,
+                 init_from)
+        with open_dict(cfg.task):
+            cfg.task.selection = mode
     if split_seed is not None and split_seed != cfg.task.get("split_seed"):
         log.info("task.split_seed=%s -> %s, the split seed of the run that trained %s", cfg.task.get("split_seed"),
                  split_seed, init_from)
         with open_dict(cfg.task):
             cfg.task.split_seed = split_seed
     return recorded
+
+
+def trained_selection(ckpt_path: str) -> str | None:
+    """task.selection (dev | carve) recorded by the run that trained `ckpt_path` (a run dir or its
+    checkpoints/<name>), or None (a bare checkpoint, or a run from before task.selection)."""
+    path = Path(ckpt_path)
+    for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
+        if (run / "run_info.json").is_file():
+            return json.loads((run / "run_info.json").read_text()).get("selection")
+    return None
 
 
 def resolve_ckpt_path(path: str | None) -> str | None:

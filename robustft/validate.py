@@ -155,6 +155,21 @@ def validate_stress(stress: DictConfig | None) -> None:
                         "(null = no subsampling)")
 
 
+def validate_selection(task: DictConfig | None) -> None:
+    """`task.selection` is dev or carve; with carve, `task.selection_size` is a count >= 1 or a fraction in (0, 1)."""
+    if task is None or "selection" not in task:
+        return
+    selection, size = task.get("selection"), task.get("selection_size")
+    if selection not in ("dev", "carve"):
+        raise UserError(f"task.selection={selection} is not an option; use carve (a selection split carved out of "
+                        "train; the official dev is held out as test/*) or dev (select on the official dev)")
+    if selection != "carve":
+        return
+    fix = "use a count such as task.selection_size=872 or a fraction of train such as task.selection_size=0.1"
+    if not _is_number(size) or size <= 0 or (size >= 1 and not float(size).is_integer()):  # 872.0 is a count
+        raise UserError(f"task.selection_size={size!r} is neither a count >= 1 nor a fraction in (0, 1); {fix}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise UserError (one line: problem; fix) for the first bad value of the run config."""
     resume = cfg.get("resume")
@@ -165,3 +180,4 @@ def validate(cfg: DictConfig) -> None:
     validate_trainer(cfg.trainer)
     validate_task(cfg.get("task"))
     validate_stress(cfg.get("stress"))
+    validate_selection(cfg.get("task"))

@@ -62,7 +62,7 @@ def test_every_option_composes_and_resolves(group, option):
         t = cfg.task
         assert t.name == option and len(t.text_fields) >= 1
         assert t.is_regression == (len(t.label_names) == 0)
-        assert "train" in t.local and ("validation" in t.local or t.dev_size)
+        assert "train" in t.local and ("validation" in t.local or t.selection == "carve")
         for split, spec in t.local.items():
             assert spec.file and {"label", *t.text_fields} <= set(spec.columns), (option, split)
         assert t.hub.path and t.hub.train

@@ -73,7 +73,8 @@ def test_quickstart_runs_and_prints_the_summary(tmp_path):
     assert re.search(r"step 1/2 loss \d\.\d{4} lr \S+ \d+\.\d ex/s", out)
     metrics = json.loads((run / "metrics.json").read_text())
     table = out[out.index("summary: sst2, vanilla, tiny_random, seed 42"):]
-    for what, key in [("clean validation accuracy", "validation/accuracy"), ("advglue accuracy", "advglue/accuracy"),
+    for what, key in [("clean validation accuracy (selection: train, carved", "validation/accuracy"),
+                      ("clean test accuracy (held out: official dev)", "test/accuracy"), ("advglue accuracy", "advglue/accuracy"),
                       ("textfooler: clean accuracy", "textfooler/clean_acc"),
                       ("textfooler: accuracy under attack", "textfooler/acc_under_attack")]:
         row = next(ln for ln in table.splitlines() if what in ln)
@@ -207,7 +208,7 @@ def test_tasks_without_a_dev_file_still_carve_it_from_all_of_train(tmp_path):
         (folder / "train.tsv").write_text("".join(next(f) for _ in range(201)))
     task = OmegaConf.load(CONF_DIR / "task" / "sst2.yaml")
     task.local.pop("validation")
-    task = OmegaConf.merge(task, {"dev_size": 50, "max_train_samples": 20})
+    task = OmegaConf.merge(task, {"selection": "carve", "selection_size": 50, "max_train_samples": 20})
     ds = load_task(task, str(tmp_path), seed=3)
     spec = OmegaConf.to_container(task.local.train)
     split_seed = int(task.split_seed)  # the dev carve uses the task's split seed, the cap the run seed

@@ -47,7 +47,7 @@ def bundle(tmp_path):
 
 
 def snli(**over):
-    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "task" / "snli.yaml"), {"dev_size": DEV, **over})
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "task" / "snli.yaml"), {"selection_size": DEV, **over})
 
 
 def test_dev_split_is_shared_by_run_seeds_and_disjoint_from_their_training_data(bundle):
@@ -112,7 +112,7 @@ def spy(monkeypatch):
 
 
 def tiny(bundle, *extra: str) -> list[str]:
-    return [f"data_dir={bundle}", "model=tiny_random", "task=snli", f"task.dev_size={DEV}",
+    return [f"data_dir={bundle}", "model=tiny_random", "task=snli", f"task.selection_size={DEV}",
             "task.max_train_samples=64", "task.max_eval_samples=16", "trainer.epochs=1", "trainer.batch_size=16",
             "trainer.eval_every=epoch", "trainer.precision=fp32", "trainer.max_length=32", *extra]
 
@@ -138,11 +138,12 @@ def test_train_false_evaluates_on_the_trained_runs_dev_split(tmp_path, bundle, s
     assert evaluated == trained1["validation"] and not set(evaluated) & set(trained1["train"])
     assert json.loads((tmp_path / "eval" / "run_info.json").read_text())["dev_split"] == info["dev_split"]
     attacked = [json.loads(x)["idx"] for x in (tmp_path / "eval" / "eval" / "typo" / "samples.jsonl").open()]
-    assert len(attacked) == 4 and set(attacked) <= dev and not set(attacked) & set(trained1["train"])
+    # attacks score the held-out split (SNLI's official test), never the selection split
+    assert len(attacked) == 4 and set(attacked) <= set(spy[2]["test"])
 
-    # a different carve (here another dev_size; likewise changed data) is refused, in one line
-    with pytest.raises(UserError, match=r"^ckpt_path=.*seed1: the dev split carved now \(task.split_seed=7, 30 ") as e:
-        fit(make_cfg([*tiny(bundle, "train=false", f"ckpt_path={tmp_path / 'seed1'}"), "task.dev_size=30"]),
+    # a different carve (here another selection_size; likewise changed data) is refused, in one line
+    with pytest.raises(UserError, match=r"^ckpt_path=.*seed1: the selection split carved now \(task.split_seed=7, 30 ") as e:
+        fit(make_cfg([*tiny(bundle, "train=false", f"ckpt_path={tmp_path / 'seed1'}"), "task.selection_size=30"]),
             RunDir(tmp_path / "eval_bad"))
     assert "\n" not in str(e.value)
     write_bundle(bundle, N_ROWS - 10)

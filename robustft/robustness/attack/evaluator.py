@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from robustft.data import load_task
+from robustft.data import held_out_split, load_split, official_source
 from robustft.errors import UserError
 from robustft.predict import Predictor
 from robustft.robustness.attack.attack import Attack, attack_metrics, result_record
@@ -25,18 +24,6 @@ from robustft.robustness.common import label_names, require_classification
 log = logging.getLogger("robustft")
 
 
-def load_split(task: DictConfig, data_dir: Path | None, seed: int, split: str):
-    """The task's splits, reading only `split` from a local bundle when it has its own file.
-
-    Saves reading a large train file (SST-2: 67k rows) just to attack a few dev examples.
-    """
-    if data_dir is not None and split in task.local and split != "train":
-        task = copy.deepcopy(task)
-        with open_dict(task):
-            task.local = {split: task.local[split]}
-    return load_task(task, str(data_dir) if data_dir else None, seed, need_train=False)
-
-
 class AttackEvaluator(Evaluator):
     """Attack the first `num_examples` examples of a split (seeded shuffle first if `shuffle`).
 
@@ -48,7 +35,7 @@ class AttackEvaluator(Evaluator):
 
     def __init__(self, goal: UntargetedClassification, transformation: Transformation,
                  constraints: Sequence[Constraint], search: SearchMethod, num_examples: int | None = 1000,
-                 split: str = "validation", attack_field: str | int | None = None, shuffle: bool = False,
+                 split: str | None = None, attack_field: str | int | None = None, shuffle: bool = False,
                  log_every: int = 100, concurrency: int = 32, name: str | None = None) -> None:
         self.attack = Attack(goal, transformation, list(constraints), search)
         self.num_examples = None if num_examples is None else int(num_examples)
@@ -76,21 +63,17 @@ class AttackEvaluator(Evaluator):
         self.target_field(task)
         if self.num_examples is not None and self.num_examples < 1:
             raise UserError(f"robustness.{self.name}.num_examples={self.num_examples}; use a positive number or null")
-        local, hub = task.get("local") or {}, task.get("hub") or {}
-        has_split = (self.split in local or (self.split == "validation" and task.get("dev_size") and "train" in local)
-                     if data_dir is not None else bool(hub.get(self.split)))
-        if not has_split:
-            raise UserError(f"robustness.{self.name}.split={self.split}: task {task.name} has no such split; "
-                            "use validation (or test where the task has one)")
+        split = self.split or held_out_split(task)
+        source = official_source(task, split, local=data_dir is not None) or "train"  # None: carved out of train
+        have = task.get("local") or {} if data_dir is not None else {k: v for k, v in (task.get("hub") or {}).items() if v}
+        if split not in ("validation", "test") or source not in have:
+            raise UserError(f"robustness.{self.name}.split={split}: task {task.name} has no such split with "
+                            f"task.selection={task.get('selection', 'dev')}; use null (the held-out split)")
         self.attack.check(data_dir)
 
     def evaluate(self, predictor: Predictor, ctx: EvalContext) -> tuple[dict[str, float], list[dict[str, Any]]]:
         self.attack.setup(ctx.data_dir)
-        data = load_split(ctx.task, ctx.data_dir, ctx.seed, self.split)
-        if self.split not in data:
-            raise UserError(f"robustness.{self.name}.split={self.split} is not a split of task {ctx.task.name} "
-                            f"({list(data)}); choose one of them")
-        ds = data[self.split]
+        ds = load_split(ctx.task, ctx.data_dir, ctx.seed, self.split or held_out_split(ctx.task))
         if self.shuffle:
             ds = ds.shuffle(seed=ctx.seed)
         if self.num_examples is not None:

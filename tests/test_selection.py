@@ -1,0 +1,132 @@
+"""task.selection=carve: a selection split carved out of train (task.split_seed) selects, the official dev is the
+held-out `test` split; per-example records of every scored split (predictions/<split>.jsonl).
+
+A synthetic local SST-2 bundle (200 training sentences, 30 dev sentences, each text unique) keeps these fast.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+import robustft.runner
+from robustft.cli import CONF_DIR
+from robustft.data import ids_sha256, load_split, load_task
+from robustft.rundir import RunDir
+from robustft.runner import fit
+from tests.conftest import make_cfg
+from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+
+N_TRAIN, N_DEV, SEL = 200, 30, 40
+WORDS = "good bad fine awful great dull fun poor nice sad warm cold".split()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_sst2(root) -> None:
+    """glue/SST-2/train.tsv and dev.tsv; every sentence names its file and row, so overlaps show in the text."""
+    folder = root / "glue" / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", N_TRAIN), ("dev.tsv", N_DEV)):
+        rows = ["sentence\tlabel"] + [f"{' '.join(WORDS[(i * k) % 12] for k in (1, 5, 7))} {name[:-4]} {i}\t{i % 2}"
+                                      for i in range(n)]
+        (folder / name).write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    write_sst2(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def sst2(**over):
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "task" / "sst2.yaml"),
+                           {"selection": "carve", "selection_size": SEL, **over})
+
+
+def texts(ds) -> list[str]:
+    return list(ds["sentence"])
+
+
+def test_selection_split_is_shared_by_seeds_disjoint_from_training_and_the_official_dev_is_test(bundle):
+    runs = {seed: load_task(sst2(max_train_samples=100), str(bundle), seed) for seed in (1, 2, 3, 4, 5)}
+    selection = {seed: texts(d["validation"]) for seed, d in runs.items()}
+    assert len({tuple(s) for s in selection.values()}) == 1 and len(selection[1]) == SEL
+    dev = [ln.split("\t")[0] for ln in (bundle / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
+    for seed, d in runs.items():
+        assert len(d["train"]) == 100 and not set(texts(d["train"])) & set(selection[seed])
+        assert texts(d["test"]) == dev  # the official dev, whole and in file order
+        assert not set(dev) & (set(texts(d["train"])) | set(selection[seed]))
+        assert d.carved.ids == sorted(d["validation"]["idx"]) and d.carved.split_seed == 42
+    assert len({tuple(d["train"]["idx"]) for d in runs.values()}) == 5  # the run seed still draws the training subset
+    # the carve follows task.split_seed (never the run seed); a fraction is a share of train
+    assert texts(load_task(sst2(split_seed=7), str(bundle), 1)["validation"]) != selection[1]
+    assert len(load_task(sst2(selection_size=0.1), str(bundle), 1)["validation"]) == N_TRAIN // 10
+
+
+def test_selection_dev_keeps_the_official_dev_as_validation(bundle):
+    data = load_task(sst2(selection="dev"), str(bundle), 1)
+    assert set(data) == {"train", "validation"} and data.carved is None
+    assert len(data["validation"]) == N_DEV and len(data["train"]) == N_TRAIN
+
+
+def test_load_split_reads_the_held_out_split_alone(bundle):
+    """What attacks load: the official dev file only, the same examples load_task names `test`."""
+    task = sst2(max_eval_samples=12)
+    assert load_split(task, bundle, 3, "test").to_dict() == load_task(task, str(bundle), 3)["test"].to_dict()
+    assert load_split(task, bundle, 3, "validation")["idx"] == load_task(task, str(bundle), 3)["validation"]["idx"]
+
+
+def tiny(bundle, *extra: str) -> list[str]:
+    return [f"data_dir={bundle}", "model=tiny_random", "task=sst2", "task.selection=carve",
+            f"task.selection_size={SEL}", "task.max_train_samples=64", "trainer.epochs=1", "trainer.batch_size=16",
+            "trainer.eval_every=epoch", "trainer.precision=fp32", "trainer.max_length=32", *extra]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_records_the_splits_and_every_scored_examples_prediction(tmp_path, bundle):
+    run = tmp_path / "run"
+    metrics = fit(make_cfg(tiny(bundle, "seed=3")), RunDir(run))
+    info = json.loads((run / "run_info.json").read_text())
+    data = load_task(sst2(max_train_samples=64), str(bundle), 3)
+    assert info["selection"] == "carve" and info["main_metric"] == "validation/accuracy"
+    assert info["main_metric_role"] == "selection" and info["held_out_metric"] == "test/accuracy"
+    for split, role in (("train", "train"), ("validation", "selection"), ("test", "held-out")):
+        record = info["splits"][split]
+        assert record["role"] == role and record["n"] == len(data[split])
+        assert record["sha256"] == ids_sha256(list(data[split]["idx"]))
+    assert info["splits"]["test"]["source"] == "official dev"
+    assert info["dev_split"]["sha256"] == info["splits"]["validation"]["sha256"]  # the carve, for train=false
+    for split in ("validation", "test"):
+        rows = read_jsonl(run / "predictions" / f"{split}.jsonl")
+        gold = dict(zip(data[split]["idx"], data[split]["label"]))
+        assert sorted(r["idx"] for r in rows) == sorted(gold)  # every example once
+        assert all(r["label"] == gold[r["idx"]] and r["pred"] in (0, 1) and isinstance(r["pred"], int) for r in rows)
+        accuracy = sum(r["label"] == r["pred"] for r in rows) / len(rows)
+        assert accuracy == pytest.approx(metrics[f"{split}/accuracy"])
+
+
+def test_train_false_reuses_the_trained_runs_selection(tmp_path, bundle, monkeypatch):
+    """A carve run evaluated without task.selection=carve (sst2's default is dev) is scored on the same splits."""
+    fit(make_cfg(tiny(bundle, "seed=2")), RunDir(tmp_path / "trained"))
+    seen: list[dict] = []
+
+    def spy(*args, **kwargs):
+        data = load_task(*args, **kwargs)
+        seen.append({s: list(d["idx"]) for s, d in data.items()})
+        return data
+
+    monkeypatch.setattr(robustft.runner, "load_task", spy)
+    plain = [a for a in tiny(bundle) if not a.startswith("task.selection=")]
+    fit(make_cfg([*plain, "train=false", f"ckpt_path={tmp_path / 'trained'}"]), RunDir(tmp_path / "eval"))
+    trained = json.loads((tmp_path / "trained" / "run_info.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "run_info.json").read_text())
+    assert evaluated["selection"] == "carve" and evaluated["dev_split"] == trained["dev_split"]
+    assert evaluated["splits"]["validation"] == trained["splits"]["validation"]
+    assert evaluated["splits"]["test"] == trained["splits"]["test"]
+    assert (tmp_path / "eval" / "predictions" / "test.jsonl").is_file()
