@@ -238,11 +238,13 @@ class RunDir:
         self.log_rows = len(kept)
 
     def start_over(self) -> None:
-        """Training starts from step 0 (resume=never, or no checkpoint yet): the curves and final metrics of an
-        earlier attempt in this folder go, so the record is this attempt's alone."""
+        """Training starts from step 0 (resume=never, or no checkpoint yet): the curves, final metrics and
+        checkpoints of an earlier attempt in this folder go, so the record is this attempt's alone (and a kill
+        before this attempt's first checkpoint cannot resume from an older config's)."""
         self.truncate_log(0)
         if self.writer:
             (self.path / "metrics.json").unlink(missing_ok=True)
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Merge into metrics.json (flat `split/metric` keys); evaluators add their own keys later."""
