@@ -148,11 +148,13 @@ class RunDir:
     def hold(self, dir_key: str) -> Iterator[None]:
         """An exclusive lock on the folder while this process runs in it; a second run gets a UserError naming
         the holder. flock: the kernel drops a dead process's lock, so a killed run's folder is taken over."""
-        if not self.writer:  # rank 0 holds it for the whole data-parallel run
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking (as stages.file_lock)
+            fcntl = None
+        if not self.writer or fcntl is None:  # rank 0 holds it for the whole data-parallel run
             yield
             return
-        import fcntl
-
         with open(self.path / ".lock", "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
