@@ -130,6 +130,9 @@ def test_disk_fills_while_writing_a_checkpoint(tmp_path, monkeypatch, capsys, su
     assert not list((run / "checkpoints").glob(".tmp-*")), list((run / "checkpoints").iterdir())
     verify_checksums(run / "checkpoints" / "last")
     assert load_training_state(run / "checkpoints" / "last")["progress"]["step"] == 2
+    monkeypatch.setattr(ckpt, "save_file", real)  # space freed: the same command resumes from it
+    assert robustft(monkeypatch, capsys, f"hydra.run.dir={run}", "trainer.max_steps=4")[0] == 0
+    assert info(run)["status"] == "completed" and info(run)["resumed_from_step"] == 2
 
 
 @pytest.fixture(scope="module")
