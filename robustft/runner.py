@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from robustft import checkpoint as ckpt
-from robustft import distributed
+from robustft import distributed, models
 from robustft.data import load_task, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
@@ -104,6 +104,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
+    models.check_vocabulary(tokenizer, model, f"checkpoint {init_from}" if init_from else f"model={cfg.model.name}")
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
     model = method.setup(model, ctx).to(device)
     eval_split = str(tcfg.get("eval_split") or "validation")

@@ -137,10 +137,13 @@ def test_disk_fills_while_writing_a_checkpoint(tmp_path, monkeypatch, capsys, su
 
 @pytest.fixture(scope="module")
 def other_ckpts(tmp_path_factory) -> dict[str, Path]:
-    """Checkpoints of another architecture (hidden 48, not tiny_random's 32) and of another task (SNLI, 3 labels)."""
+    """Checkpoints of another architecture (hidden 48, not tiny_random's 32; a 1000-token vocabulary beside
+    MiniLM's tokenizer) and of another task (SNLI, 3 labels)."""
     root = tmp_path_factory.mktemp("other")
     out = {}
-    for name, over in {"hidden48": ["model.config_overrides.hidden_size=48"], "snli": ["task=snli"]}.items():
+    cases = {"hidden48": ["model.config_overrides.hidden_size=48"], "snli": ["task=snli"],
+             "vocab1000": ["+model.config_overrides.vocab_size=1000"]}
+    for name, over in cases.items():
         cfg = make_cfg([*TINY, *over])
         save_checkpoint(root / name, load_model(cfg.model, cfg.task), load_tokenizer(cfg.model), None)
         out[name] = root / name
@@ -151,6 +154,7 @@ def other_ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("which, words", [
     ("hidden48", ["hidden_size=48", "model=tiny_random sets hidden_size=32"]),
     ("snli", ["3 labels (entailment, neutral, contradiction)", "task sst2 has 2 labels", "task="]),
+    ("vocab1000", ["vocab_size=1000", "tokenizer has 30522 tokens"]),  # the tokenizer saved beside it: MiniLM's
 ])
 def test_checkpoint_of_another_model_or_task(which, words, train, other_ckpts, tmp_path, monkeypatch, capsys,
                                              summaries):
