@@ -204,3 +204,13 @@ def check_fits(ckpt: Path, model_cfg: DictConfig, task: DictConfig, overrides: d
         theirs = "regression" if saved["problem_type"] == "regression" else f"{count} labels ({', '.join(labels)})"
         raise UserError(f"checkpoint {ckpt} was trained for {theirs} but task {task.name} has {mine}; pass the "
                         "task it was trained on (task=...) or another ckpt_path")
+
+
+def check_vocabulary(tokenizer, model, source: str) -> None:
+    """A tokenizer with more tokens than the model's embedding rows would fail mid-run with an index error
+    (e.g. a checkpoint saved with another vocab_size beside the pretrained tokenizer)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(f"{source} has vocab_size={rows} but its tokenizer has {len(tokenizer)} tokens; pass a "
+                        "checkpoint saved with its own tokenizer, or a model config whose vocab_size fits it")

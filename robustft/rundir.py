@@ -155,11 +155,13 @@ class RunDir:
     def hold(self, dir_key: str) -> Iterator[None]:
         """An exclusive lock on the folder while this process runs in it; a second run gets a UserError naming
         the holder. flock: the kernel drops a dead process's lock, so a killed run's folder is taken over."""
-        if not self.writer:  # rank 0 holds it for the whole data-parallel run
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking (as stages.file_lock)
+            fcntl = None
+        if not self.writer or fcntl is None:  # rank 0 holds it for the whole data-parallel run
             yield
             return
-        import fcntl
-
         with open(self.path / ".lock", "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -245,11 +247,13 @@ class RunDir:
         self.log_rows = len(kept)
 
     def start_over(self) -> None:
-        """Training starts from step 0 (resume=never, or no checkpoint yet): the curves and final metrics of an
-        earlier attempt in this folder go, so the record is this attempt's alone."""
+        """Training starts from step 0 (resume=never, or no checkpoint yet): the curves, final metrics and
+        checkpoints of an earlier attempt in this folder go, so the record is this attempt's alone (and a kill
+        before this attempt's first checkpoint cannot resume from an older config's)."""
         self.truncate_log(0)
         if self.writer:
             (self.path / "metrics.json").unlink(missing_ok=True)
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Merge into metrics.json (flat `split/metric` keys); evaluators add their own keys later."""

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from robustft import checkpoint as ckpt
-from robustft import distributed
+from robustft import distributed, models
 from robustft.data import held_out_split, load_task, selection_mode, split_records, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
@@ -106,6 +106,7 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     evaluators = build_evaluators(cfg)  # fail on a misfit evaluator before any training
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
+    models.check_vocabulary(tokenizer, model, f"checkpoint {init_from}" if init_from else f"model={cfg.model.name}")
     ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
     model = method.setup(model, ctx).to(device)
     eval_split = str(tcfg.get("eval_split") or "validation")

@@ -130,14 +130,20 @@ def test_disk_fills_while_writing_a_checkpoint(tmp_path, monkeypatch, capsys, su
     assert not list((run / "checkpoints").glob(".tmp-*")), list((run / "checkpoints").iterdir())
     verify_checksums(run / "checkpoints" / "last")
     assert load_training_state(run / "checkpoints" / "last")["progress"]["step"] == 2
+    monkeypatch.setattr(ckpt, "save_file", real)  # space freed: the same command resumes from it
+    assert robustft(monkeypatch, capsys, f"hydra.run.dir={run}", "trainer.max_steps=4")[0] == 0
+    assert info(run)["status"] == "completed" and info(run)["resumed_from_step"] == 2
 
 
 @pytest.fixture(scope="module")
 def other_ckpts(tmp_path_factory) -> dict[str, Path]:
-    """Checkpoints of another architecture (hidden 48, not tiny_random's 32) and of another task (SNLI, 3 labels)."""
+    """Checkpoints of another architecture (hidden 48, not tiny_random's 32; a 1000-token vocabulary beside
+    MiniLM's tokenizer) and of another task (SNLI, 3 labels)."""
     root = tmp_path_factory.mktemp("other")
     out = {}
-    for name, over in {"hidden48": ["model.config_overrides.hidden_size=48"], "snli": ["task=snli"]}.items():
+    cases = {"hidden48": ["model.config_overrides.hidden_size=48"], "snli": ["task=snli"],
+             "vocab1000": ["+model.config_overrides.vocab_size=1000"]}
+    for name, over in cases.items():
         cfg = make_cfg([*TINY, *over])
         save_checkpoint(root / name, load_model(cfg.model, cfg.task), load_tokenizer(cfg.model), None)
         out[name] = root / name
@@ -148,6 +154,7 @@ def other_ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("which, words", [
     ("hidden48", ["hidden_size=48", "model=tiny_random sets hidden_size=32"]),
     ("snli", ["3 labels (entailment, neutral, contradiction)", "task sst2 has 2 labels", "task="]),
+    ("vocab1000", ["vocab_size=1000", "tokenizer has 30522 tokens"]),  # the tokenizer saved beside it: MiniLM's
 ])
 def test_checkpoint_of_another_model_or_task(which, words, train, other_ckpts, tmp_path, monkeypatch, capsys,
                                              summaries):

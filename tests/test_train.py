@@ -133,7 +133,14 @@ def test_curves_survive_a_kill_and_resume(tmp_path, tiny_overrides, monkeypatch,
     monkeypatch.setattr(Loop, "maybe_evaluate_and_save", original)
     fit(make_cfg(over), RunDir(tmp_path / "cut"))
     assert curves(tmp_path / "cut") == curves(tmp_path / "full")
-    fit(make_cfg([*over, "resume=never"]), RunDir(tmp_path / "cut"))
+    # resume=never on the finished folder, killed again: the rerun resumes this attempt, not the old one
+    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", kill)
+    with pytest.raises(Killed):
+        fit(make_cfg([*over, "resume=never"]), RunDir(tmp_path / "cut"))
+    assert [r["step"] for r in curves(tmp_path / "cut")] == rows_before
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(Loop, "maybe_evaluate_and_save", original)
+    fit(make_cfg(over), RunDir(tmp_path / "cut"))
     assert curves(tmp_path / "cut") == curves(tmp_path / "full")
 
 
