@@ -355,3 +355,19 @@ def test_offline_hub_loads_fail_in_one_line(args, words, tmp_path, monkeypatch, 
     code, err = robustft(monkeypatch, capsys, *args, f"hydra.run.dir={run}")  # after the helper's data_dir
     one_error_line(code, err, *words)
     assert statuses(run) == ["failed"]
+
+
+def test_evaluation_only_run_logs_progress_and_fills_n(good_ckpt, tmp_path, monkeypatch, capsys):
+    """`train=false` off a terminal: a line per split scored and per evaluator (silent for 91 s before), and the
+    summary's `n` of the clean split filled (it was blank: n_eval was recorded only by training)."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["robustft", *TINY, f"data_dir={DATA_DIR}", "train=false", f"ckpt_path={good_ckpt}",
+                                      "robustness=[typo]", "robustness.typo.num_examples=4", f"hydra.run.dir={run}"])
+    cli.main()
+    out = capsys.readouterr().out
+    log = (run / "robustft.log").read_text()  # Hydra's log file: the lines a run off a terminal shows
+    for line in ("scoring validation (16 examples)", "validation: accuracy=", "robustness 1/1: typo",
+                 "robustness typo done in"):
+        assert line in log, log
+    row = next(line for line in out.splitlines() if "clean validation accuracy" in line)
+    assert "│ 16 │" in row, out
