@@ -127,6 +127,14 @@ def test_bad_config_value_fails_before_any_run_dir(case, tmp_path, monkeypatch, 
     assert not out.exists()  # the pre-flight stopped it
 
 
+@pytest.mark.parametrize("override", ["trainer.device=", "trainer.eval_every=", "trainer.lr="])
+def test_long_config_value_is_quoted_short(override, tmp_path, monkeypatch, capsys):
+    """A 5,000-character value: the line quotes ~200 characters of it and its length."""
+    line = one_error_line(*robustft(monkeypatch, capsys, override + "x" * 5000, f"hydra.run.dir={tmp_path / 'run'}"),
+                          override.rstrip("="), "5,0")
+    assert len(line) < 600, line
+
+
 def test_fit_validates_in_process(tmp_path):
     """Callers of robustft.runner.fit (scripts, a sweep job) get the same check as the CLI."""
     from robustft.rundir import RunDir
