@@ -81,16 +81,12 @@ def parse_ratio(value: Any) -> Fraction:
 
 
 def validate_task(task: DictConfig | None) -> None:
-    """Sample caps, the dev carve's size and seed of `cfg.task`."""
+    """Sample caps and the split seed of `cfg.task`."""
     if task is None:
         return
     for name in ("max_train_samples", "max_eval_samples"):
         _cap(f"task.{name}", task.get(name))
     _seed("task.split_seed", task.get("split_seed"), optional=True)
-    size = task.get("dev_size")
-    if size is not None and (not _is_number(size) or size <= 0 or (size >= 1 and not float(size).is_integer())):
-        raise UserError(f"task.dev_size={excerpt(repr(size))} must be a fraction in (0, 1) or a whole number of examples >= 1; "
-                        "e.g. task.dev_size=0.1 (null = the task's dev file)")
 
 
 def validate_trainer(t: DictConfig) -> None:

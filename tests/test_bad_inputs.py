@@ -111,7 +111,6 @@ CONFIG_CASES = {
     "label_noise_rate_2": (["stress.label_noise.rate=2"], ["stress.label_noise.rate=2", "[0, 1]"]),
     "stress_seed_neg": (["stress.seed=-3"], ["stress.seed=-3", "seed range"]),
     "split_seed_neg": (["task.split_seed=-1"], ["task.split_seed=-1", "seed range"]),
-    "dev_size_0": (["task=snli", "task.dev_size=0"], ["task.dev_size=0", "fraction"]),
     "eval_max_examples_0": (["trainer.eval_max_examples=0"], ["trainer.eval_max_examples=0", ">= 1"]),
     "max_grad_norm_neg": (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm=-1", ">= 0"]),
     "threads_0": (["trainer.threads=0"], ["trainer.threads=0", "auto"]),
