@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,9 @@ from robustft.runtime import autocast, to_device
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30.0  # a long split (MNLI's 9,815 dev pairs on a CPU) logs how far it is, also off a terminal
 
 
 class Predictor:
@@ -103,9 +107,15 @@ def evaluate(model, method: Method, ds: Dataset, tokenizer, task: DictConfig, ba
     model.eval()
     batches = eval_batches(ds, batch_size)
     parts: list[tuple[int, list[int], np.ndarray, float]] = []
-    t0 = time.perf_counter()
+    t0 = last_log = time.perf_counter()
+    done = 0
     for b in range(distributed.rank(), len(batches), distributed.world_size()):
         rows = batches[b]
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S and distributed.is_main():
+            last_log = time.perf_counter()
+            log.info("scored %d/%d examples (%.1f ex/s)", done * distributed.world_size(), len(ds),
+                     done * distributed.world_size() / (last_log - t0))
+        done += len(rows)
         batch = to_device(collate(ds, rows, tokenizer, task.is_regression), device)
         with autocast(device, amp):
             logits = method.predict(model, batch)

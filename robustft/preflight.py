@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustft.config import CONF_DIR
 from robustft.config import group_options as _group_options
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 
 
 def _type_of_default(default: Any, value: Any) -> str | None:
@@ -56,8 +56,6 @@ def parse_error(overrides: list[str], error: Exception) -> UserError:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-
-    from robustft.errors import excerpt
 
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     parser = OverridesParser.create()
@@ -109,7 +107,7 @@ def _check_group_choices(variant: list[str]) -> None:
             for choice in filter(None, (v.strip() for v in value.split(","))):
                 if choice not in _group_options(key) and choice != "null":
                     options = ", ".join(_group_options(key))
-                    raise UserError(f"unknown {key} '{choice}'; choose one of: {options} "
+                    raise UserError(f"unknown {key} '{excerpt(choice)}'; choose one of: {options} "
                                     "(robustft --help lists every group)")
 
 
@@ -147,7 +145,7 @@ def _check_values(cfg: DictConfig, variant: list[str], defaults: DictConfig, val
         default = OmegaConf.select(defaults, key, default=None)
         expected = _type_of_default(default, OmegaConf.select(cfg, key, default=None))
         if expected:
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} has the wrong type; it takes {expected}")
+            raise UserError(f"{key}={excerpt(repr(OmegaConf.select(cfg, key)))} has the wrong type; it takes {expected}")
     if not values:
         return
     validate(cfg)

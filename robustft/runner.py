@@ -148,8 +148,10 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
     if cfg.train:
         final.update(train(cfg, run, s))
     for split, ds in s.evals.items():  # final evaluation of the best checkpoint on every scored split
+        log.info("scoring %s (%d examples)", split, len(ds))  # an evaluation-only run's first sign of life
         metrics, pred = evaluate(s.model, s.method, ds, s.tokenizer, cfg.task, int(cfg.trainer.eval_batch_size),
                                  s.device, s.amp)
+        log.info("%s: %s", split, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         final.update({f"{split}/{k}": v for k, v in metrics.items()})
         run.write_record(f"predictions/{split}.jsonl", prediction_rows(ds, pred))  # per example, for paired tests
     run.write_metrics(final)

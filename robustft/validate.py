@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustft.errors import UserError
+from robustft.errors import UserError, excerpt
 
 RESUME = ("auto", "never")
 PRECISION = ("auto", "bf16", "fp32")
@@ -36,16 +36,16 @@ def _is_number(value: Any) -> bool:
 
 def _positive_int(key: str, value: Any, example: int) -> None:
     if not _is_int(value) or value < 1:
-        raise UserError(f"{key}={value!r} must be a whole number >= 1; e.g. {key}={example}")
+        raise UserError(f"{key}={excerpt(repr(value))} must be a whole number >= 1; e.g. {key}={example}")
 
 
 def _number(key: str, value: Any, low: float, high: float | None, fix: str) -> None:
     """`value` must be a number in [low, high] (high=None: no upper bound)."""
     if not _is_number(value):
-        raise UserError(f"{key}={value!r} is not a number; {fix}")
+        raise UserError(f"{key}={excerpt(repr(value))} is not a number; {fix}")
     if value < low or (high is not None and value > high):
         where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
-        raise UserError(f"{key}={value!r} must be {where}; {fix}")
+        raise UserError(f"{key}={excerpt(repr(value))} must be {where}; {fix}")
 
 
 def _seed(key: str, value: Any, optional: bool = False) -> None:
@@ -53,14 +53,14 @@ def _seed(key: str, value: Any, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not _is_int(value) or not 0 <= value <= SEED_MAX:
-        raise UserError(f"{key}={value!r} must be a whole number in [0, {SEED_MAX}] (numpy's seed range); "
+        raise UserError(f"{key}={excerpt(repr(value))} must be a whole number in [0, {SEED_MAX}] (numpy's seed range); "
                         f"e.g. {key}=42")
 
 
 def _cap(key: str, value: Any) -> None:
     """A sample cap: null (all) or a whole number >= 1 (0 or -1 would silently keep nothing or all but one)."""
     if value is not None and (not _is_int(value) or value < 1):
-        raise UserError(f"{key}={value!r} must be null (all examples) or a whole number >= 1; e.g. {key}=1000")
+        raise UserError(f"{key}={excerpt(repr(value))} must be null (all examples) or a whole number >= 1; e.g. {key}=1000")
 
 
 def parse_ratio(value: Any) -> Fraction:
@@ -73,7 +73,7 @@ def parse_ratio(value: Any) -> Fraction:
         else:
             ratio = Fraction(text).limit_denominator(10_000)
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"stress.imbalance.ratio={value!r} is not a ratio; use e.g. 0.1 or '1:10'") from None
+        raise UserError(f"stress.imbalance.ratio={excerpt(repr(value))} is not a ratio; use e.g. 0.1 or '1:10'") from None
     if not 0 < ratio <= 1:
         raise UserError(f"stress.imbalance.ratio={value} must be in (0, 1] (minority:majority); "
                         "use e.g. 0.1 or '1:10' (null = off)")
@@ -81,16 +81,12 @@ def parse_ratio(value: Any) -> Fraction:
 
 
 def validate_task(task: DictConfig | None) -> None:
-    """Sample caps, the dev carve's size and seed of `cfg.task`."""
+    """Sample caps and the split seed of `cfg.task`."""
     if task is None:
         return
     for name in ("max_train_samples", "max_eval_samples"):
         _cap(f"task.{name}", task.get(name))
     _seed("task.split_seed", task.get("split_seed"), optional=True)
-    size = task.get("dev_size")
-    if size is not None and (not _is_number(size) or size <= 0 or (size >= 1 and not float(size).is_integer())):
-        raise UserError(f"task.dev_size={size!r} must be a fraction in (0, 1) or a whole number of examples >= 1; "
-                        "e.g. task.dev_size=0.1 (null = the task's dev file)")
 
 
 def validate_trainer(t: DictConfig) -> None:
@@ -100,13 +96,13 @@ def validate_trainer(t: DictConfig) -> None:
         _positive_int(f"trainer.{name}", t.get(name), example)
     eval_every = t.get("eval_every")
     if eval_every != "epoch" and (not _is_int(eval_every) or eval_every < 1):
-        raise UserError(f"trainer.eval_every={eval_every!r} must be 'epoch' or a number of steps >= 1; "
+        raise UserError(f"trainer.eval_every={excerpt(repr(eval_every))} must be 'epoch' or a number of steps >= 1; "
                         "e.g. trainer.eval_every=epoch")
     max_steps, epochs = t.get("max_steps"), t.get("epochs")
     if not _is_int(max_steps):
-        raise UserError(f"trainer.max_steps={max_steps!r} is not a whole number; use -1 (train by epochs) or a step count")
+        raise UserError(f"trainer.max_steps={excerpt(repr(max_steps))} is not a whole number; use -1 (train by epochs) or a step count")
     if max_steps <= 0 and (not _is_int(epochs) or epochs < 1):
-        raise UserError(f"trainer.epochs={epochs!r} trains nothing; use trainer.epochs>=1 (or trainer.max_steps>0)")
+        raise UserError(f"trainer.epochs={excerpt(repr(epochs))} trains nothing; use trainer.epochs>=1 (or trainer.max_steps>0)")
     _cap("trainer.eval_max_examples", t.get("eval_max_examples"))
     _number("trainer.max_grad_norm", t.get("max_grad_norm"), 0, None, "use e.g. trainer.max_grad_norm=1.0")
     _number("trainer.weight_decay", t.get("weight_decay"), 0, None, "use e.g. trainer.weight_decay=0.01 (0 = off)")
@@ -114,24 +110,24 @@ def validate_trainer(t: DictConfig) -> None:
             "it is the fraction of steps spent warming up, e.g. trainer.warmup_ratio=0.06")
     patience = t.get("early_stopping_patience")
     if not _is_int(patience) or patience < 0:
-        raise UserError(f"trainer.early_stopping_patience={patience!r} must be a whole number >= 0; "
+        raise UserError(f"trainer.early_stopping_patience={excerpt(repr(patience))} must be a whole number >= 0; "
                         "use 0 (off) or the evals without improvement before stopping, e.g. 2")
     precision, device = t.get("precision"), t.get("device")
     if precision not in PRECISION:
-        raise UserError(f"trainer.precision={precision} is not supported; use auto, bf16 or fp32")
+        raise UserError(f"trainer.precision={excerpt(precision)} is not supported; use auto, bf16 or fp32")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise UserError(f"trainer.device={device} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+        raise UserError(f"trainer.device={excerpt(device)} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
     keep = t.get("keep_checkpoints")
     if keep not in KEEP_CHECKPOINTS:
-        raise UserError(f"trainer.keep_checkpoints={keep} is not an option; use all, best (checkpoints/best only) "
+        raise UserError(f"trainer.keep_checkpoints={excerpt(keep)} is not an option; use all, best (checkpoints/best only) "
                         "or none (records only)")
     threads = t.get("threads", "auto")
     if threads != "auto" and (not _is_int(threads) or threads < 1):
-        raise UserError(f"trainer.threads={threads!r} must be auto or a whole number >= 1; use auto (the cores "
+        raise UserError(f"trainer.threads={excerpt(repr(threads))} must be auto or a whole number >= 1; use auto (the cores "
                         "available, divided among local jobs) or e.g. trainer.threads=1")
     devices = t.get("devices")
     if devices != "auto" and (not _is_int(devices) or devices < 1):
-        raise UserError(f"trainer.devices={devices!r} must be auto or a whole number >= 1; use auto (the processes "
+        raise UserError(f"trainer.devices={excerpt(repr(devices))} must be auto or a whole number >= 1; use auto (the processes "
                         "torchrun or SLURM start) or the number of processes the run must have, e.g. 2")
 
 
@@ -151,7 +147,7 @@ def validate_stress(stress: DictConfig | None) -> None:
     if n is None and stress.get("name") == "low_resource":
         raise UserError("stress=low_resource needs stress.low_resource.n; set e.g. stress.low_resource.n=500")
     if n is not None and (not _is_int(n) or n < 1):
-        raise UserError(f"stress.low_resource.n={n!r} must be a whole number >= 1; e.g. stress.low_resource.n=500 "
+        raise UserError(f"stress.low_resource.n={excerpt(repr(n))} must be a whole number >= 1; e.g. stress.low_resource.n=500 "
                         "(null = no subsampling)")
 
 
@@ -174,7 +170,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise UserError (one line: problem; fix) for the first bad value of the run config."""
     resume = cfg.get("resume")
     if resume not in RESUME:
-        raise UserError(f"resume={resume} is not an option; use resume=auto (continue from checkpoints/last) "
+        raise UserError(f"resume={excerpt(resume)} is not an option; use resume=auto (continue from checkpoints/last) "
                         "or resume=never (start fresh)")
     _seed("seed", cfg.get("seed"))
     validate_trainer(cfg.trainer)

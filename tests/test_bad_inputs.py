@@ -131,6 +131,14 @@ def test_bad_config_value_fails_before_any_run_dir(case, tmp_path, monkeypatch, 
     assert not out.exists()  # the pre-flight stopped it
 
 
+@pytest.mark.parametrize("override", ["trainer.device=", "trainer.eval_every=", "trainer.lr="])
+def test_long_config_value_is_quoted_short(override, tmp_path, monkeypatch, capsys):
+    """A 5,000-character value: the line quotes ~200 characters of it and its length."""
+    line = one_error_line(*robustft(monkeypatch, capsys, override + "x" * 5000, f"hydra.run.dir={tmp_path / 'run'}"),
+                          override.rstrip("="), "5,0")
+    assert len(line) < 600, line
+
+
 def test_fit_validates_in_process(tmp_path):
     """Callers of robustft.runner.fit (scripts, a sweep job) get the same check as the CLI."""
     from robustft.rundir import RunDir
@@ -364,3 +372,19 @@ def test_offline_hub_loads_fail_in_one_line(args, words, tmp_path, monkeypatch, 
     code, err = robustft(monkeypatch, capsys, *args, f"hydra.run.dir={run}")  # after the helper's data_dir
     one_error_line(code, err, *words)
     assert statuses(run) == ["failed"]
+
+
+def test_evaluation_only_run_logs_progress_and_fills_n(good_ckpt, tmp_path, monkeypatch, capsys):
+    """`train=false` off a terminal: a line per split scored and per evaluator (silent for 91 s before), and the
+    summary's `n` of the clean split filled (it was blank: n_eval was recorded only by training)."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["robustft", *TINY, f"data_dir={DATA_DIR}", "train=false", f"ckpt_path={good_ckpt}",
+                                      "robustness=[typo]", "robustness.typo.num_examples=4", f"hydra.run.dir={run}"])
+    cli.main()
+    out = capsys.readouterr().out
+    log = (run / "robustft.log").read_text()  # Hydra's log file: the lines a run off a terminal shows
+    for line in ("scoring validation (16 examples)", "validation: accuracy=", "robustness 1/1: typo",
+                 "robustness typo done in"):
+        assert line in log, log
+    row = next(line for line in out.splitlines() if "clean validation accuracy" in line)
+    assert "│ 16 │" in row, out

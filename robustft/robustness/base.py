@@ -12,6 +12,8 @@ by batch, not by example).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from omegaconf import DictConfig
 from robustft import distributed
 from robustft.data import resolve_data_dir
 from robustft.predict import Predictor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,7 +132,10 @@ def run_evaluators(evaluators: list[Evaluator], predictor: Predictor, cfg: DictC
     samples: dict[str, list[dict[str, Any]]] = {}
     data_dir = resolve_data_dir(cfg.get("data_dir"))
     scorer = ShardedPredictor(predictor) if distributed.world_size() > 1 else predictor
-    for ev in evaluators:
+    for i, ev in enumerate(evaluators, start=1):
+        log.info("robustness %d/%d: %s", i, len(evaluators), ev.name)  # minutes each: say which one runs
+        start = time.perf_counter()
         metrics, samples[ev.name] = ev.evaluate(scorer, EvalContext(cfg.task, data_dir, int(cfg.seed)))
         out.update({f"{ev.name}/{k}": v for k, v in metrics.items()})
+        log.info("robustness %s done in %.0f s", ev.name, time.perf_counter() - start)
     return distributed.broadcast_object(out), samples
