@@ -157,6 +157,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         robust, samples = run_evaluators(evaluators, predictor, cfg)
         for name, records in samples.items():
             run.write_record(f"eval/{name}/samples.jsonl", records)
+        run.update(evaluators={ev.name: ev.protocol() for ev in evaluators if ev.protocol()})
         run.write_metrics(robust)
         final.update(robust)
     if cfg.train and cfg.trainer.keep_checkpoints != "all":  # scored: checkpoints/ is only for later use now

@@ -45,6 +45,11 @@ class Evaluator:
         """Return flat metrics (without the name prefix) and per-example records for samples.jsonl."""
         raise NotImplementedError
 
+    def protocol(self) -> dict[str, Any]:
+        """After `evaluate`: how it scored (an attack's sample, budget, constraints) for run_info.json
+        `evaluators.<name>`, so a report can print it beside the numbers; {} = nothing to record."""
+        return {}
+
 
 def build_evaluators(cfg: DictConfig) -> list[Evaluator]:
     """Instantiate and check every selected evaluator (before any training starts)."""
