@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 import robustft.runner
 from robustft.cli import CONF_DIR
 from robustft.data import ids_sha256, load_split, load_task
+from robustft.errors import UserError
 from robustft.robustness.attack.evaluator import sample_rows
 from robustft.rundir import RunDir
 from robustft.runner import fit
@@ -65,6 +66,16 @@ def test_selection_split_is_shared_by_seeds_disjoint_from_training_and_the_offic
     # the carve follows task.split_seed (never the run seed); a fraction is a share of train
     assert texts(load_task(sst2(split_seed=7), str(bundle), 1)["validation"]) != selection[1]
     assert len(load_task(sst2(selection_size=0.1), str(bundle), 1)["validation"]) == N_TRAIN // 10
+
+
+def test_a_carve_that_leaves_no_training_data_and_selection_dev_without_a_dev_file_are_one_line_errors(bundle):
+    with pytest.raises(UserError, match=r"^task.selection_size=500 leaves no training data \(200 .*; use a smaller"):
+        load_task(sst2(selection_size=500), str(bundle), 1)
+    (bundle / "glue" / "SST-2" / "dev.tsv").unlink()
+    task = sst2(selection="dev")
+    task.local.pop("validation")
+    with pytest.raises(UserError, match=r"^task sst2 has no official dev set in the local bundle; use task.selection=carve"):
+        load_task(task, str(bundle), 1)
 
 
 def test_selection_dev_keeps_the_official_dev_as_validation(bundle):
