@@ -266,6 +266,8 @@ def arrange_splits(ds: TaskData, task: DictConfig, local: bool) -> None:
             ds["test"] = official[source]
         if "train" in ds:
             ds["train"], ds["validation"], ds.carved = carve_dev(ds["train"], task)
+        if "test" in ds:
+            ds["test"] = ds.pop("test")  # after validation: the order of evaluation and of the records
     elif "validation" not in ds:
         raise UserError(f"task {task.name} has no official dev set {'in the local bundle' if local else 'here'}; "
                         "use task.selection=carve (a selection split carved out of train)")

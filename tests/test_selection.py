@@ -58,6 +58,7 @@ def test_selection_split_is_shared_by_seeds_disjoint_from_training_and_the_offic
     assert len({tuple(s) for s in selection.values()}) == 1 and len(selection[1]) == SEL
     dev = [ln.split("\t")[0] for ln in (bundle / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
     for seed, d in runs.items():
+        assert list(d) == ["train", "validation", "test"]
         assert len(d["train"]) == 100 and not set(texts(d["train"])) & set(selection[seed])
         assert texts(d["test"]) == dev  # the official dev, whole and in file order
         assert not set(dev) & (set(texts(d["train"])) | set(selection[seed]))
