@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 
 import robustft.runner
 from robustft.cli import CONF_DIR
-from robustft.data import ids_sha256, load_split, load_task
+from robustft.data import load_split, load_task
 from robustft.errors import UserError
 from robustft.robustness.attack.evaluator import sample_rows
 from robustft.rundir import RunDir
 from robustft.runner import fit
+from robustft.splits import ids_sha256
 from tests.conftest import make_cfg
 from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
 

@@ -7,7 +7,6 @@ constraints go into metrics.json (numbers) and run_info.json `evaluators.<name>`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from robustft.data import held_out_split, load_split, official_source
+from robustft.data import load_split
 from robustft.errors import UserError
 from robustft.predict import Predictor
 from robustft.robustness.attack.attack import Attack, attack_metrics, result_record
@@ -27,6 +26,7 @@ from robustft.robustness.attack.search import SearchMethod
 from robustft.robustness.attack.transformations import Transformation
 from robustft.robustness.base import EvalContext, Evaluator
 from robustft.robustness.common import label_names, require_classification
+from robustft.splits import held_out_split, ids_sha256, official_source
 
 log = logging.getLogger("robustft")
 
@@ -127,8 +127,7 @@ class AttackEvaluator(Evaluator):
         table = getattr(self.attack.transformation, "table", None)
         return {
             "split": split, "split_size": n_split, "selection": str(ctx.task.get("selection", "dev")),
-            "sample": {"n": len(ids), "split_seed": int(ctx.task.split_seed), "sha256": hashlib.sha256(
-                ",".join(map(str, sorted(ids))).encode()).hexdigest(),
+            "sample": {"n": len(ids), "split_seed": int(ctx.task.split_seed), "sha256": ids_sha256(ids),
                 "drawn": "first n of numpy default_rng(split_seed).permutation(split size), in split order"},
             "query_budget": self.attack.goal.query_budget,
             "query_counting": "every text the model scores for one example, the clean input included (as "
