@@ -213,7 +213,8 @@ def headline_rows(metrics: dict[str, Any], main_key: str | None, evaluators: lis
     if main_key in metrics:
         split, _, name = main_key.partition("/")
         rows.append((f"clean {split} {name}" if split == "validation" else f"{split} {name}", main_key, ""))
-    rows += [(f"clean {k.partition('/')[0]} {k.partition('/')[2]}", k, "") for k in held_out if k in metrics]
+    rows += [(f"clean {k.partition('/')[0]} {k.partition('/')[2]}", k, "") for k in held_out
+             if k in metrics and k != main_key]  # selection=dev: the held-out split is the selection split
     for ev in evaluators:
         keys = [k for k in metrics if k.startswith(f"{ev}/")]
         if f"{ev}/acc_under_attack" in metrics:  # its clean accuracy too: the attacked examples are a sample

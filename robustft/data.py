@@ -8,10 +8,8 @@ GLUE/HF order, or a float for regression).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 
 from robustft.errors import UserError, excerpt
+from robustft.splits import SELECTION, DevCarve, arrange_splits, official_source, selection_mode
 
 csv.field_size_limit(1 << 24)
 
@@ -176,104 +175,10 @@ def _load_hub(task: DictConfig) -> DatasetDict:
     return DatasetDict(splits)
 
 
-SELECTION = ("dev", "carve")
-
-
-def ids_sha256(ids: list[int]) -> str:
-    """Hash of the comma-joined sorted ids: run_info.json keeps this, splits.json the list itself."""
-    return hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class DevCarve:
-    """The selection split carved out of train: its seed and the sorted `idx` of all its examples (before
-    max_eval_samples)."""
-
-    split_seed: int
-    ids: list[int]
-
-    @property
-    def sha256(self) -> str:
-        return ids_sha256(self.ids)
-
-    def summary(self) -> dict[str, Any]:
-        return {"split_seed": self.split_seed, "n": len(self.ids), "sha256": self.sha256}
-
-    def check(self, recorded: Mapping[str, Any] | None, where: str) -> None:
-        """Fail if this carve is not the split a trained run recorded (the data or task.selection_size changed)."""
-        if recorded is None or (recorded["n"], recorded["sha256"]) == (len(self.ids), self.sha256):
-            return
-        raise UserError(
-            f"{where}: the selection split carved now (task.split_seed={self.split_seed}, {len(self.ids)} examples, "
-            f"sha256 {self.sha256[:12]}) is not the one that run recorded ({recorded['n']} examples, sha256 "
-            f"{recorded['sha256'][:12]}), so it may hold training examples; evaluate with the data and "
-            "task.selection_size the model was trained with"
-        )
-
-
 class TaskData(DatasetDict):
     """load_task's splits; `carved` is the selection split carved out of train (None with task.selection=dev)."""
 
     carved: DevCarve | None = None
-
-
-def selection_mode(task: DictConfig) -> str:
-    """task.selection: `dev` (the official dev set selects and is reported) or `carve` (a split of train selects)."""
-    return str(task.get("selection") or "dev")
-
-
-def held_out_split(task: DictConfig) -> str:
-    """The split attacks score and reports read as held out: `test` when selection carves (the official dev,
-    or the official test where the task has one, SNLI), else `validation` (the official dev, as GLUE reports)."""
-    return "test" if selection_mode(task) == "carve" else "validation"
-
-
-def official_source(task: DictConfig, split: str, local: bool) -> str | None:
-    """Which official split (key of task.local / task.hub) becomes our `split`; None = carved out of train.
-
-    With selection=carve, `test` is the official test where the task has one (SNLI), else the official dev.
-    """
-    if selection_mode(task) != "carve" or split == "train":
-        return split
-    if split == "validation":
-        return None
-    have = task.get("local") or {} if local else {k: v for k, v in (task.get("hub") or {}).items() if v}
-    return "test" if "test" in have else "validation"
-
-
-def carve_dev(train: Dataset, task: DictConfig) -> tuple[Dataset, Dataset, DevCarve]:
-    """Split `task.selection_size` examples off train with `task.split_seed`, never the run seed.
-
-    With the run seed, each seed of a sweep was selected on a different set, and a train=false evaluation
-    without the training seed carved a "dev" set holding training examples.
-    """
-    if not task.get("selection_size"):
-        raise UserError(f"task {task.name}: task.selection=carve needs task.selection_size (a count, or a fraction "
-                        "of train); e.g. task.selection_size=0.1")
-    if task.get("split_seed") is None:
-        raise UserError(f"task {task.name} carves its selection split out of train but has no task.split_seed; "
-                        "add split_seed: 42 beside selection_size in its task YAML")
-    size = float(task.selection_size) if float(task.selection_size) < 1 else int(task.selection_size)
-    if isinstance(size, int) and size >= len(train):
-        raise UserError(f"task.selection_size={size} leaves no training data ({len(train)} training examples); "
-                        "use a smaller count or a fraction such as task.selection_size=0.1")
-    parts = train.train_test_split(test_size=size, seed=int(task.split_seed), shuffle=True)
-    carve = DevCarve(int(task.split_seed), sorted(int(i) for i in parts["test"]["idx"]))
-    return parts["train"], parts["test"], carve
-
-
-def arrange_splits(ds: TaskData, task: DictConfig, local: bool) -> None:
-    """Name the splits by role: `validation` selects, `test` is held out (task.selection; see official_source)."""
-    if selection_mode(task) == "carve":
-        official = {split: ds.pop(split) for split in ("validation", "test") if split in ds}
-        source = official_source(task, "test", local)
-        if source in official:
-            ds["test"] = official[source]
-        if "train" in ds:
-            ds["train"], ds["validation"], ds.carved = carve_dev(ds["train"], task)
-    elif "validation" not in ds:
-        raise UserError(f"task {task.name} has no official dev set {'in the local bundle' if local else 'here'}; "
-                        "use task.selection=carve (a selection split carved out of train)")
 
 
 def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: bool = True) -> TaskData:
@@ -295,7 +200,7 @@ def load_task(task: DictConfig, data_dir: str | None, seed: int, need_train: boo
             f"task {task.name} has no training file ({where}); train on the hub (data_dir=null, online) "
             "or evaluate only with train=false"
         )
-    arrange_splits(ds, task, local=root is not None)
+    ds.carved = arrange_splits(ds, task, local=root is not None)
     # The training subsample uses the run seed (seeds of a sweep see different slices), drawn after the carve.
     if task.max_train_samples and "train" in ds and not early_cap:
         n = min(int(task.max_train_samples), len(ds["train"]))
@@ -333,25 +238,6 @@ def load_split(task: DictConfig, data_dir: str | Path | None, seed: int, split: 
         raise UserError(f"split '{split}' is not a split of task {task.name} ({', '.join(data)}) with "
                         f"task.selection={selection_mode(task)}; choose one of them")
     return data[split]
-
-
-def split_records(data: DatasetDict, task: DictConfig, data_dir: str | None) -> dict[str, dict[str, Any]]:
-    """run_info.json `splits`: each split's role, where it comes from, size and sha256 of its sorted ids
-    (train: the pool after max_train_samples, before a stress or a method's own selection)."""
-    carve, out = selection_mode(task) == "carve", {}
-    local = resolve_data_dir(data_dir) is not None
-    for split, ds in data.items():
-        if split == "train":
-            role, source = "train", "train"
-        elif split == "validation":
-            role = "selection"
-            source = f"train, carved with split_seed {task.get('split_seed')}" if carve else "official dev"
-        elif split == held_out_split(task):
-            role, source = "held-out", f"official {'test' if official_source(task, split, local) == 'test' else 'dev'}"
-        else:
-            role, source = "held-out", "official test"
-        out[split] = {"role": role, "source": source, "n": len(ds), "sha256": ids_sha256([int(i) for i in ds["idx"]])}
-    return out
 
 
 def tokenize(ds: Dataset, tokenizer, task: DictConfig, max_length: int) -> Dataset:

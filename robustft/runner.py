@@ -27,7 +27,7 @@ from transformers import set_seed
 
 from robustft import checkpoint as ckpt
 from robustft import distributed, models
-from robustft.data import held_out_split, load_task, selection_mode, split_records, tokenize
+from robustft.data import load_task, resolve_data_dir, tokenize
 from robustft.errors import UserError
 from robustft.loop import Loop
 from robustft.methods.base import Method, TrainContext, build_method
@@ -38,6 +38,7 @@ from robustft.predict import Predictor, evaluate, prediction_rows
 from robustft.robustness.base import build_evaluators, run_evaluators
 from robustft.rundir import RunDir, lifecycle, trained_split
 from robustft.runtime import autocast_dtype, select_device
+from robustft.splits import held_out_split, selection_mode, split_records
 from robustft.stages import ModelStage, RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
 from robustft.stress import apply_stress
 from robustft.validate import validate
@@ -78,7 +79,7 @@ def load_data(cfg: DictConfig, run: RunDir, recorded: dict | None) -> DatasetDic
     task = cfg.task
     data = load_task(task, cfg.data_dir, int(cfg.seed), need_train=bool(cfg.train))
     run.update(split_seed=task.get("split_seed"), selection=selection_mode(task),
-               splits=split_records(data, task, cfg.data_dir))
+               splits=split_records(data, task, resolve_data_dir(cfg.data_dir) is not None))
     if data.carved is not None:  # the selection split came out of train: record it, check it is the trained run's
         data.carved.check(recorded, f"ckpt_path={cfg.ckpt_path}")
         run.write_dev_split(str(task.name), data.carved)
@@ -161,6 +162,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, float]:
         robust, samples = run_evaluators(evaluators, predictor, cfg)
         for name, records in samples.items():
             run.write_record(f"eval/{name}/samples.jsonl", records)
+        run.update(evaluators={ev.name: ev.protocol() for ev in evaluators if ev.protocol()})
         run.write_metrics(robust)
         final.update(robust)
     if cfg.train and cfg.trainer.keep_checkpoints != "all":  # scored: checkpoints/ is only for later use now

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Attack throughput (examples/s, queries/s) on a real minilm SST-2 model: batched vs one-by-one.
 
-Runs one attack composition from conf/robustness/ (default textfooler) over the first ``--n`` SST-2 dev
-examples in three arms, on the same model, examples, candidates, constraints and budget:
+Runs one attack composition from conf/robustness/ (default textfooler) over ``--n`` SST-2 dev
+examples (the sample drawn with task.split_seed) in three arms, on the same model, examples, candidates, constraints and budget:
 
 ``batched``
     robustft's attack as shipped: ``--concurrency`` examples attacked side by side, the pending

@@ -8,8 +8,8 @@ TextFooler evaluator.
     run's own `train/examples_per_s` (metrics.json): global examples over rank 0's training time, from
     collation to `zero_grad`, evaluation and start-up excluded.
 ``textfooler``
-    An evaluation-only run (`train=false ckpt_path=<checkpoint>`) attacking the first `--attack-examples`
-    dev examples with `robustness=[textfooler]` (query budget `--query-budget`, experiment=quickstart's 300).
+    An evaluation-only run (`train=false ckpt_path=<checkpoint>`) attacking `--attack-examples`
+    dev examples (drawn with task.split_seed) with `robustness=[textfooler]` (query budget `--query-budget`, experiment=quickstart's 300).
     The numbers are the evaluator's own `textfooler/examples_per_s` and `textfooler/queries_per_s`: the
     attack loop only, data and model loading excluded. Under DDP the ranks shard every scoring batch
     (robustft/robustness/base.py, ShardedPredictor) and the results are meant to be bit-identical to one

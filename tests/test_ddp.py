@@ -107,6 +107,9 @@ def test_two_ranks_train_like_one_process(two_ranks, tmp_path, name, over):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for r1, r2 in zip(one, two, strict=True):  # train rows: the global batch's mean loss, synced per row
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
+    # per-example records: rank 0 writes every example once (the ranks' shards gathered), as one process does
+    records = [(d / "predictions" / "validation.jsonl").read_text() for d in (tmp_path, root / f"ddp_{name}")]
+    assert records[0] == records[1] and len(records[0].splitlines()) == 40
 
 
 def test_interrupted_two_rank_run_resumes_exactly(two_ranks):
@@ -167,7 +170,7 @@ def test_torchrun_makes_one_run_directory_written_by_rank_0_and_refuses_a_sweep(
     info = json.loads((run / "run_info.json").read_text())
     assert info["status"] == "completed" and info["world_size"] == 2
     assert {p.name for p in run.iterdir()} == {".hydra", "checkpoints", "logs", "metrics.json", "metrics.jsonl",
-                                               "robustft.log", "run_info.json"}
+                                               "predictions", "robustft.log", "run_info.json"}
     assert [p.name for p in (run / "logs").iterdir()] == ["rank1.log"]
     rank1 = (run / "logs" / "rank1.log").read_text().splitlines()
     assert rank1 and all(line.startswith("[rank1]") for line in rank1)

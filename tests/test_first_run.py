@@ -91,6 +91,9 @@ def test_headline_rows_follow_what_each_evaluator_reports():
                     ("pwws: accuracy under attack", "pwws/acc_under_attack", "pwws/n"),
                     ("ood imdb accuracy", "ood/imdb_accuracy", "ood/imdb_n"),
                     ("ood yelp accuracy", "ood/yelp_accuracy", "ood/yelp_n")]
+    # the held-out split's row follows the selection split's (once: with selection=dev they are one split)
+    assert headline_rows(metrics, "validation/mcc", [], ("test/mcc",))[1] == ("clean test mcc", "test/mcc", "")
+    assert len(headline_rows(metrics, "validation/mcc", [], ("validation/mcc",))) == 1
 
 
 # ---------------------------------------------------------------- progress

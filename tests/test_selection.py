@@ -13,9 +13,12 @@ from omegaconf import OmegaConf
 
 import robustft.runner
 from robustft.cli import CONF_DIR
-from robustft.data import ids_sha256, load_split, load_task
+from robustft.data import load_split, load_task
+from robustft.errors import UserError
+from robustft.robustness.attack.evaluator import sample_rows
 from robustft.rundir import RunDir
 from robustft.runner import fit
+from robustft.splits import ids_sha256
 from tests.conftest import make_cfg
 from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
 
@@ -56,6 +59,7 @@ def test_selection_split_is_shared_by_seeds_disjoint_from_training_and_the_offic
     assert len({tuple(s) for s in selection.values()}) == 1 and len(selection[1]) == SEL
     dev = [ln.split("\t")[0] for ln in (bundle / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
     for seed, d in runs.items():
+        assert list(d) == ["train", "validation", "test"]
         assert len(d["train"]) == 100 and not set(texts(d["train"])) & set(selection[seed])
         assert texts(d["test"]) == dev  # the official dev, whole and in file order
         assert not set(dev) & (set(texts(d["train"])) | set(selection[seed]))
@@ -64,6 +68,16 @@ def test_selection_split_is_shared_by_seeds_disjoint_from_training_and_the_offic
     # the carve follows task.split_seed (never the run seed); a fraction is a share of train
     assert texts(load_task(sst2(split_seed=7), str(bundle), 1)["validation"]) != selection[1]
     assert len(load_task(sst2(selection_size=0.1), str(bundle), 1)["validation"]) == N_TRAIN // 10
+
+
+def test_a_carve_that_leaves_no_training_data_and_selection_dev_without_a_dev_file_are_one_line_errors(bundle):
+    with pytest.raises(UserError, match=r"^task.selection_size=500 leaves no training data \(200 .*; use a smaller"):
+        load_task(sst2(selection_size=500), str(bundle), 1)
+    (bundle / "glue" / "SST-2" / "dev.tsv").unlink()
+    task = sst2(selection="dev")
+    task.local.pop("validation")
+    with pytest.raises(UserError, match=r"^task sst2 has no official dev set in the local bundle; use task.selection=carve"):
+        load_task(task, str(bundle), 1)
 
 
 def test_selection_dev_keeps_the_official_dev_as_validation(bundle):
@@ -130,3 +144,32 @@ def test_train_false_reuses_the_trained_runs_selection(tmp_path, bundle, monkeyp
     assert evaluated["splits"]["validation"] == trained["splits"]["validation"]
     assert evaluated["splits"]["test"] == trained["splits"]["test"]
     assert (tmp_path / "eval" / "predictions" / "test.jsonl").is_file()
+
+
+def test_attacks_score_a_fixed_sample_of_the_held_out_split_and_record_their_protocol(tmp_path, bundle):
+    attack = ["robustness=[typo]", "robustness.typo.num_examples=8", "robustness.typo.log_every=0",
+              "robustness.typo.goal.query_budget=50"]
+    for seed in (1, 2):
+        fit(make_cfg(tiny(bundle, f"seed={seed}", "task.max_train_samples=32", *attack)), RunDir(tmp_path / f"s{seed}"))
+    infos = [json.loads((tmp_path / f"s{s}" / "run_info.json").read_text()) for s in (1, 2)]
+    attacked = [[r["idx"] for r in read_jsonl(tmp_path / f"s{s}" / "eval" / "typo" / "samples.jsonl")] for s in (1, 2)]
+    assert attacked[0] == attacked[1] and len(attacked[0]) == 8  # the same examples whatever the run seed
+    assert attacked[0] != list(range(8)) and set(attacked[0]) <= set(range(N_DEV))  # a sample, of the official dev
+    record = infos[0]["evaluators"]["typo"]
+    assert record == {**infos[1]["evaluators"]["typo"], "attack_seed": 1}
+    assert record["split"] == "test" and record["split_size"] == N_DEV and record["selection"] == "carve"
+    assert record["sample"]["n"] == 8 and record["sample"]["split_seed"] == 42
+    assert record["sample"]["sha256"] == ids_sha256(attacked[0]) and record["query_budget"] == 50
+    assert [c["type"] for c in record["constraints"]] == ["RepeatModification", "StopwordModification",
+                                                          "MaxModificationRate"]
+    assert record["constraints"][2]["max_rate"] == 0.3 and record["search"]["wir_method"] == "unk"
+    metrics = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert (metrics["typo/n_examples"], metrics["typo/max_queries"], metrics["typo/max_word_rate"]) == (8, 50, 0.3)
+    # the sample follows task.split_seed (nested: a larger sample holds a smaller one)
+    assert sample_rows(N_DEV, 8, 42) == attacked[0] and sample_rows(N_DEV, 8, 5) != attacked[0]
+    assert set(sample_rows(N_DEV, 8, 42)) <= set(sample_rows(N_DEV, 20, 42)) and sample_rows(8, 20, 1) == list(range(8))
+    # selection=dev attacks the official dev, there named `validation`: the same sample
+    dev = [*tiny(bundle, "seed=1", "task.max_train_samples=32", *attack), "task.selection=dev"]
+    fit(make_cfg(dev), RunDir(tmp_path / "dev"))
+    assert json.loads((tmp_path / "dev" / "run_info.json").read_text())["evaluators"]["typo"]["split"] == "validation"
+    assert [r["idx"] for r in read_jsonl(tmp_path / "dev" / "eval" / "typo" / "samples.jsonl")] == attacked[0]

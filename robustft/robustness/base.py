@@ -49,6 +49,11 @@ class Evaluator:
         """Return flat metrics (without the name prefix) and per-example records for samples.jsonl."""
         raise NotImplementedError
 
+    def protocol(self) -> dict[str, Any]:
+        """After `evaluate`: how it scored (an attack's sample, budget, constraints) for run_info.json
+        `evaluators.<name>`, so a report can print it beside the numbers; {} = nothing to record."""
+        return {}
+
 
 def selected(section: Any) -> list[str]:
     """The keys of `cfg.robustness` that are evaluators: the group options chosen (each has a `_target_`).
