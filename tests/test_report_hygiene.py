@@ -70,7 +70,7 @@ def records_tree(tmp_path: Path) -> Path:
 def test_example_level_marks_and_held_out_clean_column(records_tree: Path) -> None:
     card = build(load_runs(records_tree))
     titles = [c.title for c in card.columns]
-    assert "sst2 clean" in titles and not any(c.selected for c in card.columns)  # test/accuracy, held out
+    assert "sst2 clean (held-out test)" in titles and not any(c.selected for c in card.columns)
     clean = next(c for c in card.columns if c.kind == "clean")
     assert clean.metric == "test/accuracy"
     comp = card.comparisons["robust"][clean.key]

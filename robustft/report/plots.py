@@ -96,14 +96,15 @@ def forest_families(card: Scorecard) -> dict[str, list[Column]]:
     out: dict[str, list[Column]] = {}
     for col in card.columns:
         if col.kind != "cost" and col.task != "all" and any(col.key in c for c in card.comparisons.values()):
-            name = col.title.removeprefix(f"{col.task} ")
+            name = "clean" if col.kind == "clean" else col.title.removeprefix(f"{col.task} ")
             out.setdefault(re.sub(r" \(\d+\)$", "", name), []).append(col)
     return out
 
 
 def forest(card: Scorecard, family: str, cols: list[Column]) -> Any:
-    """One figure: per panel, each method's paired difference vs its baseline with its 95% CI, filled and
-    starred when marked (Holm-adjusted p < 0.05), hollow otherwise; a zero line."""
+    """One figure: per panel, each method's paired difference vs its baseline with its 95% CI, red, filled
+    and starred when marked (Holm-adjusted p < 0.05), hollow otherwise (grey: a majority-class row, never
+    marked); a zero line."""
     by_task = {c.task: c for c in cols}
     cells = [(t, g) for t, g in panels(card) if t in by_task]
     fig, axes = _grid(len(cells), 4.8, 0.5 + 0.42 * max(2, len(card.labels) / max(1, len(cells) // len(by_task))))
@@ -113,8 +114,9 @@ def forest(card: Scorecard, family: str, cols: list[Column]) -> Any:
                 if _split(lab)[1] == group and col.key in card.comparisons.get(lab, {})]
         for y, (_, c) in enumerate(reversed(rows)):
             xerr = [[c.diff - c.ci_low], [c.ci_high - c.diff]] if not math.isnan(c.ci_low) else None
-            ax.errorbar(c.diff, y, xerr=xerr, fmt="o", color="C3" if c.significant else "C0",
-                        mfc="C3" if c.significant else "white", capsize=3)
+            color = "C3" if c.significant else "0.6" if c.collapsed else "C0"  # grey: majority class, unmarked
+            ax.errorbar(c.diff, y, xerr=xerr, fmt="o", color=color, mfc=color if c.significant else "white",
+                        capsize=3)
             if c.significant:
                 ax.annotate("*", (c.diff, y), textcoords="offset points", xytext=(0, 4), ha="center")
         ax.axvline(0, color="black", lw=1)

@@ -131,8 +131,9 @@ def _task_columns(task: str, runs: list[dict[str, Any]]) -> list[Column]:
     mains = sorted({clean_metric(m, keys) for r in runs if (m := _main_metric(r)) and m in r["metrics"]})
     for m in mains:
         name = m.partition("/")[2] or m
-        cols.append(Column(f"{task}|{m}", f"{task} clean" + ("" if name == "accuracy" else f" {name}"), task, m,
-                           "clean", selected=m.startswith("validation/")))
+        title = f"{task} clean" + ("" if name == "accuracy" else f" {name}") + (" (held-out test)" if
+                                                                                m.startswith("test/") else "")
+        cols.append(Column(f"{task}|{m}", title, task, m, "clean", selected=m.startswith("validation/")))
     if ADVGLUE_KEY in keys:
         cols.append(Column(f"{task}|{ADVGLUE_KEY}", f"{task} AdvGLUE", task, ADVGLUE_KEY, "advglue"))
     on_dev = not any(r["info"].get("selection") == "carve" for r in runs)  # attacks drew from the selection set
@@ -286,6 +287,12 @@ def _compare_all(card: Scorecard) -> None:
         for lab, p in zip(comps, holm([c.p for c in comps.values()])):
             comps[lab].p_holm = p
             card.comparisons.setdefault(lab, {})[col.key] = comps[lab]
+    seedwise = sorted({col.title for col in card.columns for lab in card.labels
+                       if card.comparisons.get(lab, {}).get(col.key, Comparison(0, 0, 0, 0, 0, 0)).test == "seeds"
+                       and col.kind in ("clean", "advglue", "attack")})
+    if seedwise:
+        card.warnings.append(f"no per-example records for {', '.join(seedwise)}: their marks use the paired t-test "
+                             "over seeds (weaker; rerun with records, predictions/*.jsonl and eval/*/samples.jsonl)")
 
 
 def _relative_cost(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str], tasks: list[str]) -> None:

@@ -72,7 +72,9 @@ def bootstrap_ci(diffs: np.ndarray, confidence: float = 0.95) -> tuple[float, fl
         return float(diffs[0]), float(diffs[0])
     res = stats.bootstrap((diffs,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
                           method="percentile", random_state=BOOTSTRAP_SEED)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    # an end within TOL of 0 is 0: a resample of equal accuracies sums to +-1e-17 in floating point
+    low, high = (0.0 if abs(v) < TOL else float(v) for v in res.confidence_interval)
+    return low, high
 
 
 def excludes_zero(low: float, high: float) -> bool:
