@@ -30,7 +30,7 @@ def panels(card: Scorecard) -> list[tuple[str, str]]:
             if any(card.cell(lab, c) for lab in card.labels if _split(lab)[1] == g for c in card.columns if c.task == t)]
 
 
-def _grid(n: int, width: float, height: float) -> tuple[Any, list[Any]]:
+def _grid(n: int, width: float, height: float, sharex: bool = False) -> tuple[Any, list[Any]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +38,7 @@ def _grid(n: int, width: float, height: float) -> tuple[Any, list[Any]]:
 
     cols = max(1, min(NCOLS, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharex=sharex)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -105,13 +105,16 @@ def forest(card: Scorecard, family: str, cols: list[Column]) -> Any:
     """One figure: per panel, each method's paired difference vs its baseline with its 95% CI, red, filled
     and starred when marked (Holm-adjusted p < 0.05), hollow otherwise (grey: a majority-class row, never
     marked); a zero line."""
+    from matplotlib.ticker import MaxNLocator
+
     by_task = {c.task: c for c in cols}
     cells = [(t, g) for t, g in panels(card) if t in by_task]
-    fig, axes = _grid(len(cells), 4.8, 0.5 + 0.42 * max(2, len(card.labels) / max(1, len(cells) // len(by_task))))
+    rows_of = {(t, g): [(lab, card.comparisons[lab][by_task[t].key]) for lab in card.labels
+                        if _split(lab)[1] == g and by_task[t].key in card.comparisons.get(lab, {})] for t, g in cells}
+    tallest = max((len(r) for r in rows_of.values()), default=1)
+    fig, axes = _grid(len(cells), 4.8, 1.2 + 0.32 * max(2, tallest), sharex=True)  # one x scale to compare
     for ax, (task, group) in zip(axes, cells):
-        col = by_task[task]
-        rows = [(lab, card.comparisons[lab][col.key]) for lab in card.labels
-                if _split(lab)[1] == group and col.key in card.comparisons.get(lab, {})]
+        rows = rows_of[(task, group)]
         for y, (_, c) in enumerate(reversed(rows)):
             xerr = [[c.diff - c.ci_low], [c.ci_high - c.diff]] if not math.isnan(c.ci_low) else None
             color = "C3" if c.significant else "0.6" if c.collapsed else "C0"  # grey: majority class, unmarked
@@ -120,6 +123,7 @@ def forest(card: Scorecard, family: str, cols: list[Column]) -> Any:
             if c.significant:
                 ax.annotate("*", (c.diff, y), textcoords="offset points", xytext=(0, 4), ha="center")
         ax.axvline(0, color="black", lw=1)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_yticks(range(len(rows)), [_split(lab)[0] for lab, _ in reversed(rows)])
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_title(_title(task, group), fontsize="medium")
