@@ -9,7 +9,8 @@ has a difficulty b_i ~ N(1, 1.5) (logit of being right); each (method, seed) run
 Bernoulli. Under the null both methods draw from the same distribution; "effect" adds a logit shift to
 the method. Printed per design: the share of tables where the crossed test (the mark's test with records,
 robustft/report/stats_examples.py) gives p < 0.05, and the same for the seed-level paired t-test on the
-per-seed accuracies (the fallback). docs/statistics.md quotes its output.
+per-seed accuracies (the fallback), and under the null how often the seed-level percentile bootstrap CI
+excludes 0 (the report's mark before issue #26). docs/statistics.md quotes its output.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from robustft.report.stats import t_test  # noqa: E402
+from robustft.report.stats import bootstrap_ci, excludes_zero, t_test  # noqa: E402
 from robustft.report.stats_examples import crossed_test  # noqa: E402
 
 DESIGNS = [  # (seeds, examples, seed_sd)
@@ -42,14 +43,17 @@ def table(rng: np.random.Generator, seeds: int, n: int, effect: float = 0.0, see
 
 
 def rates(rng: np.random.Generator, trees: int, seeds: int, n: int, effect: float = 0.0,
-          seed_sd: float = 0.3) -> tuple[float, float]:
-    """Share of `trees` tables with p < 0.05: (crossed test, seed-level paired t-test)."""
-    crossed = seedwise = 0
+          seed_sd: float = 0.3, bootstrap: bool = False) -> tuple[float, ...]:
+    """Share of `trees` tables with p < 0.05: (crossed test, seed-level paired t-test), and with
+    `bootstrap` a third: the seed-level 95% percentile bootstrap CI excluding 0 (the report's former mark)."""
+    crossed = seedwise = boot = 0
     for _ in range(trees):
         x = table(rng, seeds, n, effect, seed_sd)
         crossed += crossed_test(x).p < 0.05
         seedwise += t_test(x.mean(axis=1)) < 0.05
-    return crossed / trees, seedwise / trees
+        if bootstrap:
+            boot += excludes_zero(*bootstrap_ci(x.mean(axis=1)))
+    return (crossed / trees, seedwise / trees) + ((boot / trees,) if bootstrap else ())
 
 
 def main() -> None:
@@ -58,11 +62,11 @@ def main() -> None:
     parser.add_argument("--effect", type=float, default=0.3, help="logit shift of the method in the power rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print("seeds examples seed_sd | null: crossed seed-t | effect: crossed seed-t")
+    print("seeds examples seed_sd | null: crossed seed-t seed-bootstrap-CI | effect: crossed seed-t")
     for seeds, n, sd in DESIGNS:
-        null = rates(rng, args.trees, seeds, n, 0.0, sd)
+        null = rates(rng, args.trees, seeds, n, 0.0, sd, bootstrap=True)
         power = rates(rng, max(1, args.trees // 4), seeds, n, args.effect, sd)
-        print(f"{seeds:5d} {n:8d} {sd:7.2f} | {null[0]:.3f} {null[1]:.3f} | {power[0]:.3f} {power[1]:.3f}")
+        print(f"{seeds:5d} {n:8d} {sd:7.2f} | {null[0]:.3f} {null[1]:.3f} {null[2]:.3f} | {power[0]:.3f} {power[1]:.3f}")
 
 
 if __name__ == "__main__":

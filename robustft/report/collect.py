@@ -228,7 +228,7 @@ def group_runs(
     for key in group_by or ():
         if runs and all(lookup(r, key) == MISSING for r in runs):
             raise ReportError(
-                f"--group-by key {key!r} is in no run's .hydra/config.yaml or run_info.json; "
+                f"--group-by key {key[:200]!r} is in no run's .hydra/config.yaml or run_info.json; "
                 "use dotted config keys such as method.name, task.name, trainer.lr"
             )
     groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}

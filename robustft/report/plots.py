@@ -77,7 +77,7 @@ def plot(card: Scorecard, path: Path) -> None:
             highs += [m + e for m, e in zip(means, errs) if not math.isnan(m)]
         if task in card.majority:
             ax.axhline(card.majority[task], color="black", ls="--", lw=1,
-                       label=f"majority class ({card.majority[task]:.3f})")
+                       label=f"clean majority class ({card.majority[task]:.3f})")
             lows.append(card.majority[task])
         if lows:
             pad = 0.05 * max(1e-3, max(highs + lows) - min(lows))
@@ -128,6 +128,11 @@ def forest(card: Scorecard, family: str, cols: list[Column]) -> Any:
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_title(_title(task, group), fontsize="medium")
         ax.set_xlabel(f"{family}: difference vs {card.baseline} (95% CI)", fontsize="small")
+    import textwrap
+
+    key = ("red, filled, *: Holm-adjusted p < 0.05; hollow: not marked; grey: a majority-class row "
+           "(never marked)")
+    fig.suptitle(textwrap.fill(key, 55 * min(NCOLS, len(cells))), fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -212,8 +212,8 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     values, warns = _collect_values(runs, labels, columns, label_of)
     if not any(name == baseline for name, _ in parts.values()):
         if baseline_required:
-            raise ReportError(f"--baseline {baseline} is not a row of the report (rows: {', '.join(labels)}); "
-                              "pass one of them")
+            raise ReportError(hygiene.quote(f"--baseline {baseline} is not a row of the report (rows: "
+                                            f"{', '.join(labels)})") + "; pass one of them")
         warns.append(f"no {baseline} runs: no paired comparisons or relative cost (choose a row with --baseline)")
         baseline = None
     card = Scorecard(labels, columns, {lab: dict(v) for lab, v in values.items()}, baseline, baseline_of,
