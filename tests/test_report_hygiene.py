@@ -34,8 +34,12 @@ def make_run(root: Path, method: str, seed: int, correct: np.ndarray, *, task: s
               "model": {"name": "minilm"}, "trainer": {"lr": lr}, "stress": {"seed": seed}}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method={method}", f"seed={seed}"]))
+    protocol = {"split": "test", "sample": {"n": len(correct), "split_seed": 42, "sha256": "ab12" * 16},
+                "query_budget": 300, "constraints": [{"type": "MaxModificationRate", "max_rate": 0.2}],
+                "attack_seed": seed}  # as the runner writes run_info.json evaluators.<name>
     info = {"status": "completed", "seed": seed, "task": task, "method": method, "model": "minilm",
-            "main_metric": "validation/accuracy", "git_sha": "abc", "selection": "carve"}
+            "main_metric": "validation/accuracy", "git_sha": "abc", "selection": "carve",
+            "evaluators": {"textfooler": protocol}}
     (run / "run_info.json").write_text(json.dumps(info))
     n = len(correct)
     labels = np.arange(n) % 2
@@ -51,7 +55,8 @@ def make_run(root: Path, method: str, seed: int, correct: np.ndarray, *, task: s
                                                       for i, c in enumerate(correct)])
     metrics = {"validation/accuracy": 1.0, "test/accuracy": float(np.mean(preds == labels)),
                "advglue/overall": float(np.mean(correct)), "textfooler/acc_under_attack": status.count("failed") / n,
-               "textfooler/max_queries": 300.0, "textfooler/n_examples": float(n), "cost/total_flops": 1e12}
+               "textfooler/max_queries": 300.0, "textfooler/n_examples": float(n), "cost/total_flops": 1e12,
+               "textfooler/max_word_rate": float("nan")}  # nan = no limit: a parameter, not a NaN score
     (run / "metrics.json").write_text(metrics_text if metrics_text is not None else json.dumps(metrics))
     return run
 
@@ -78,7 +83,10 @@ def test_example_level_marks_and_held_out_clean_column(records_tree: Path) -> No
     assert comp.significant and comp.p_holm < 0.05 and comp.mdd > 0
     advglue = card.comparisons["robust"][next(c.key for c in card.columns if c.kind == "advglue")]
     assert advglue.test == "examples"
-    assert card.footer == ["textfooler: max_queries=300, n_examples=40"]
+    assert card.footer == ["textfooler: constraints=MaxModificationRate(max_rate=0.2), max_queries=300, "
+                           "n_examples=40, query_budget=300, sample.n=40, sample.sha256=ab12ab12ab12, "
+                           "sample.split_seed=42, split=test"]
+    assert all(r["nan_metrics"] == [] for r in load_runs(records_tree))  # max_word_rate nan: no warning
 
 
 def test_intersection_accuracy_under_attack_hand_computed(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     numbers = {k: float(v) for k, v in metrics.items() if _is_number(v)}
     return {
         "metrics_problem": _metrics_problem(run_dir / "metrics.json"),
-        "nan_metrics": sorted(k for k, v in numbers.items() if math.isnan(v)),
+        # NaN scores are warned; a NaN parameter (an attack's max_queries = no limit) is not a score
+        "nan_metrics": sorted(k for k, v in numbers.items() if math.isnan(v) and k.endswith(QUALITY_SUFFIXES)),
         "path": run_dir,
         "status": str(info.get("status", "unknown")),
         "seed": seed,

@@ -69,10 +69,35 @@ def intersection_values(runs: list[dict[str, Any]], attack: str, ids: set, keys:
     return values, recs
 
 
+def _describe(value: Any) -> str:
+    """A run_info protocol value as short text: {'type': 'MaxModificationRate', 'max_rate': 0.2} ->
+    MaxModificationRate(max_rate=0.2); lists joined with '+'; a sha256 cut to 12 characters."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}={_describe(v)}" for k, v in value.items() if k != "type")
+        return f"{value['type']}({inner})" if "type" in value else inner
+    if isinstance(value, list):
+        return " + ".join(_describe(v) for v in value)
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def _protocol_params(info: Any) -> dict[str, str]:
+    """run_info.json evaluators.<attack> (or <attack>) as flat name -> text; the run seed is left out."""
+    out: dict[str, str] = {}
+    for name, value in (info.items() if isinstance(info, dict) else ()):
+        if name == "attack_seed":  # the run's own seed: differs between seeds by design
+            continue
+        if isinstance(value, dict) and "type" not in value:
+            out.update({f"{name}.{k}": _describe(v) for k, v in value.items()})
+        else:
+            out[name] = _describe(value)
+    return out
+
+
 def attack_footer(runs: list[dict[str, Any]], attacks: list[str]) -> list[str]:
-    """'textfooler: max_queries=300, n_examples=100' from what the runs recorded (metrics.json keys that
-    are not results, run_info.json[<attack>] scalars); a parameter that differs between runs is listed
-    with all its values."""
+    """'textfooler: max_queries=300, n_examples=100, ...' from what the runs recorded: metrics.json keys
+    that are not results, and run_info.json `evaluators.<attack>` (sample, ids hash, query budget and its
+    counting, candidates, constraints, search); a parameter that differs between runs lists all its values."""
     lines = []
     for attack in attacks:
         params: dict[str, set] = {}
@@ -82,11 +107,11 @@ def attack_footer(runs: list[dict[str, Any]], attacks: list[str]) -> list[str]:
                 if (key.startswith(attack + "/") and name not in ATTACK_RESULTS and not name.startswith("avg_")
                         and not name.endswith(RATE_SUFFIXES)):
                     params.setdefault(name, set()).add(f"{value:g}")
-            info = r["info"].get(attack)
-            for name, value in (info.items() if isinstance(info, dict) else ()):
-                if isinstance(value, str | int | float | bool):
-                    params.setdefault(name, set()).add(str(value))
+            evaluators = r["info"].get("evaluators")
+            info = evaluators.get(attack) if isinstance(evaluators, dict) else r["info"].get(attack)
+            for name, text in _protocol_params(info).items():
+                params.setdefault(name, set()).add(text)
         if params:
-            shown = ", ".join(f"{k}={'/'.join(sorted(v))}" for k, v in sorted(params.items()))
+            shown = ", ".join(f"{k}={' / '.join(sorted(v))}" for k, v in sorted(params.items()))
             lines.append(f"{attack}: {shown}")
     return lines
