@@ -87,6 +87,7 @@ def test_example_level_marks_and_held_out_clean_column(records_tree: Path) -> No
                            "n_examples=40, query_budget=300, sample.n=40, sample.sha256=ab12ab12ab12, "
                            "sample.split_seed=42, split=test"]
     assert all(r["nan_metrics"] == [] for r in load_runs(records_tree))  # max_word_rate nan: no warning
+    assert not any("no per-example records" in w for w in card.warnings)
 
 
 def test_intersection_accuracy_under_attack_hand_computed(tmp_path: Path) -> None:

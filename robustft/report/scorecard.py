@@ -287,8 +287,8 @@ def _compare_all(card: Scorecard) -> None:
         for lab, p in zip(comps, holm([c.p for c in comps.values()])):
             comps[lab].p_holm = p
             card.comparisons.setdefault(lab, {})[col.key] = comps[lab]
-    seedwise = sorted({col.title for col in card.columns for lab in card.labels
-                       if card.comparisons.get(lab, {}).get(col.key, Comparison(0, 0, 0, 0, 0, 0)).test == "seeds"
+    seedwise = sorted({col.title for col in card.columns for comps in card.comparisons.values()
+                       if col.key in comps and comps[col.key].test == "seeds"
                        and col.kind in ("clean", "advglue", "attack")})
     if seedwise:
         card.warnings.append(f"no per-example records for {', '.join(seedwise)}: their marks use the paired t-test "
