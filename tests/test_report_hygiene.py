@@ -121,9 +121,12 @@ def test_corrupt_and_nan_metrics_are_named(records_tree: Path, tmp_path: Path,
     bad = make_run(records_tree, "vanilla", 7, np.ones(N, bool), metrics_text="{not json")
     nan = make_run(records_tree, "robust", 8, np.ones(N, bool),
                    metrics_text=json.dumps({"test/accuracy": float("nan"), "validation/accuracy": 0.9}))
+    gone = make_run(records_tree, "vanilla", 9, np.ones(N, bool))
+    (gone / "metrics.json").unlink()
     assert cli.main([str(records_tree), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.replace("\n", "")
     assert f"left out {bad}: its metrics.json is unreadable (JSONDecodeError) (not counted)" in out
+    assert f"left out {gone}: its metrics.json is missing (not counted)" in out
     assert f"{nan} has NaN metrics (test/accuracy)" in out
     assert "robust report: 6 runs" not in out and "robustft report: 7 runs" in out  # the corrupt run is not counted
 
