@@ -14,7 +14,7 @@ bootstrap CI excludes 0 for 14-21% of null comparisons at 3-5 seeds): it estimat
 denominator S instead of S - 1 and uses normal, not t, quantiles. Resampling examples independently within
 each seed also treats the same examples in every seed (a crossed design) as nested, counting the
 per-example noise twice. Measured by scripts/stats_null.py, the two-level bootstrap fires for 8-13% of null
-comparisons when seeds vary and 3% when they do not. The defensible alternative used here is the
+comparisons when seeds vary and 2.6-2.8% when they do not. The defensible alternative used here is the
 classical crossed two-way random-effects analysis of the same table: x[s, i] = mu + a_s + b_i + e_si, whose
 mean D has Var(D) = s2_a / S + s2_b / N + s2_e / (S N). The ANOVA mean squares give unbiased estimates of
 the three components (truncated at 0), and D / se(D) is referred to a t distribution with Satterthwaite's
