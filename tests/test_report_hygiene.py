@@ -203,3 +203,11 @@ def test_forest_plot_has_one_panel_per_task(tmp_path: Path) -> None:
     assert len(fig.axes) == 3 and fig.get_size_inches()[0] <= 3 * 4.8  # a grid of at most 3 columns
     assert cli.main([str(root), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report_forest_clean.png").is_file()
+
+
+def test_regression_records_give_no_majority_rate_or_collapse(tmp_path: Path) -> None:
+    from robustft.report.collect import load_records
+
+    write(tmp_path / "predictions" / "validation.jsonl", [{"idx": i, "label": 3.5, "pred": 3.5} for i in range(5)])
+    recs = load_records(tmp_path)
+    assert "validation#labels" not in recs and "validation#preds" not in recs and len(recs["validation"]) == 5

@@ -132,8 +132,9 @@ def load_records(run_dir: Path) -> dict[str, dict[Any, bool]]:
         rows = _read_jsonl(path)
         if rows:
             out[path.stem] = {r["idx"]: r.get("pred") == r.get("label") for r in rows}
-            out[path.stem + "#preds"] = {str(r.get("pred")) for r in rows}
-            out[path.stem + "#labels"] = Counter(str(r.get("label")) for r in rows)
+            if all(isinstance(r.get("label"), int) for r in rows):  # classes, not a regression's floats
+                out[path.stem + "#preds"] = {str(r.get("pred")) for r in rows}
+                out[path.stem + "#labels"] = Counter(str(r.get("label")) for r in rows)
     for path in sorted(run_dir.glob("eval/*/samples.jsonl")):
         rows, name = _read_jsonl(path), path.parent.name
         if rows and all("status" in r for r in rows):
