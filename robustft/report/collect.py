@@ -124,7 +124,7 @@ def load_records(run_dir: Path) -> dict[str, dict[Any, bool]]:
     eval/<name>/samples.jsonl: attacks (`status`) give correct under attack (status failed: the attack
     did not flip it) and, as `<name>#clean`, correct before it (not skipped); others a `correct` field
     (AdvGLUE; ids are (subset, idx)). Also `<split>#preds`: the set of predicted classes (collapse check)
-    and `<split>#labels`: the label counts (majority-class rate).
+    and `<split>#labels`: the label counts (majority-class rate), for class labels only (not regression).
     """
     run_dir = Path(run_dir)
     out: dict[str, Any] = {}
