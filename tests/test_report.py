@@ -238,7 +238,9 @@ def test_rows_are_named_by_tag(tmp_path: Path) -> None:
             cfg_path = root / tag / str(seed) / ".hydra" / "config.yaml"
             cfg_path.write_text(yaml.safe_dump({**yaml.safe_load(cfg_path.read_text()), "tag": tag}))
     card = build(load_runs(root))
-    assert card.labels == ["vanilla", "rose_first", "rose_second"] and not card.warnings[1:]
+    warns = [w for w in card.warnings if "no per-example records" not in w]  # these runs have none
+    assert len(warns) == len(card.warnings) - 1  # ... and the report says their marks are seed-level
+    assert card.labels == ["vanilla", "rose_first", "rose_second"] and not warns[1:]
     assert set(card.comparisons) == {"rose_first", "rose_second"}
 
 
@@ -315,3 +317,13 @@ def test_a_label_key_only_some_runs_have_pairs_with_the_plain_baseline(tmp_path:
     assert card.baseline_of == {"r3f": "vanilla", "vanilla+child_tuning[selector.variant=d]": "vanilla"}
     clean = card.columns[0]
     assert card.comparisons["vanilla+child_tuning[selector.variant=d]"][clean.key].diff == pytest.approx(0.03)
+
+
+def test_columns_scored_on_the_selection_split_are_flagged(tree: Path) -> None:
+    from robustft.report import render
+
+    card = build(load_runs(tree))
+    flags = {c.kind: c.selected for c in card.columns if c.kind != "cost"}
+    assert flags == {"clean": True, "advglue": False, "attack": True, "ood": False}  # dev picked the checkpoint
+    md = render.to_markdown(card, "t")
+    assert "| rte clean‡ |" in md and "selected on this set" in md and "$^\\ddagger$" in render.to_latex(card)

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also copy each completed run's records (run_info.json, metrics.json, .hydra/*.yaml; "
                              "no checkpoints) into OUT/runs/, so the report can be rebuilt and extended with "
                              "more seeds later from OUT/runs alone")
+    parser.add_argument("--majority-rate", nargs="+", default=[], metavar="TASK=RATE",
+                        help="majority-class rate of a task's clean split, e.g. sst2=0.5092, for runs without "
+                             "predictions records: rows at that rate are not marked and the plot draws it")
     parser.add_argument("--label-by", nargs="+", default=[], metavar="KEY",
                         help="config keys added to the row label, e.g. method.upper trainer.lr "
                              "(to separate runs of one method with different options)")
@@ -42,15 +45,21 @@ def report(args: argparse.Namespace) -> Path:
     """Load, build, print and write; raises ReportError on bad input. Returns the output folder."""
     from robustft.report import render
     from robustft.report.collect import ReportError, load_runs
+    from robustft.report.hygiene import quote, usable_runs
+    from robustft.report.plots import write_forests
     from robustft.report.scorecard import build, run_warnings
+
+    out: Path = args.out
+    check_writable(out)
+    majority = parse_rates(args.majority_rate)
 
     all_runs = []
     for path in args.paths:
         if not path.is_dir():
-            raise ReportError(f"{path} is not a folder; pass run or sweep folders (e.g. multirun/<timestamp>)")
+            raise ReportError(f"{quote(path)} is not a folder; pass run or sweep folders (e.g. multirun/<timestamp>)")
         found = load_runs(path, include_incomplete=True)
         if not found:
-            raise ReportError(f"no runs (run_info.json files) under {path}; pass the folder of a run or a sweep")
+            raise ReportError(f"no runs (run_info.json files) under {quote(path)}; pass the folder of a run or a sweep")
         all_runs += found
     seen, unique = set(), []
     for run in all_runs:  # overlapping arguments (a sweep and one of its runs, kept records) count once
@@ -58,23 +67,60 @@ def report(args: argparse.Namespace) -> Path:
         if key not in seen:
             seen.add(key)
             unique.append(run)
+    unique, unusable = usable_runs(unique)
     runs = [r for r in unique if r["status"] == "completed"]
     if not runs:
         raise ReportError(f"none of the {len(unique)} runs is completed; wait for them to finish or rerun them")
     card = build(runs, baseline=args.baseline or "vanilla", label_by=args.label_by,
-                 baseline_required=args.baseline is not None)
-    card.warnings = run_warnings(unique) + card.warnings
+                 baseline_required=args.baseline is not None, majority=majority)
+    card.warnings = run_warnings(unique) + unusable + card.warnings
     title = f"robustft report: {len(runs)} runs, {len(card.labels)} methods"
     render.print_terminal(card, title)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(render.to_markdown(card, title))
     render.write_csv(card, out / "report.csv")
     (out / "report.tex").write_text(render.to_latex(card))
     render.plot(card, out / "report.png")
-    print(f"wrote {out}/report.md, report.csv, report.tex, report.png")
+    forests = write_forests(card, out)
+    print(f"wrote {out}/report.md, report.csv, report.tex, report.png" + "".join(f", {p.name}" for p in forests))
     if args.keep_records:
         print(f"kept the records of {keep_records(runs, out / 'runs', args.label_by)} runs in {out}/runs")
+    return out
+
+
+def check_writable(out: Path) -> None:
+    """ReportError before any output when OUT cannot be created or written (not after the table printed)."""
+    import os
+    import tempfile
+
+    from robustft.report.collect import ReportError
+    from robustft.report.hygiene import quote
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ReportError(f"cannot write to --out {quote(out)} ({reason}); pass a folder you can write to") from None
+    if not os.access(out, os.W_OK):
+        raise ReportError(f"cannot write to --out {quote(out)}; pass a folder you can write to")
+
+
+def parse_rates(items: Sequence[str]) -> dict[str, float]:
+    """['sst2=0.5092'] -> {'sst2': 0.5092}; ReportError for anything else."""
+    from robustft.report.collect import ReportError
+    from robustft.report.hygiene import quote
+
+    out = {}
+    for item in items:
+        task, _, rate = item.partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = -1.0
+        if not task or not 0 <= value <= 1:
+            raise ReportError(f"--majority-rate {quote(item)!r} is not TASK=RATE with RATE in [0, 1]; e.g. sst2=0.5092")
+        out[task] = value
     return out
 
 
@@ -87,12 +133,14 @@ def run_identity(run: dict) -> str:
 
 
 RECORDS = ("run_info.json", "metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+RECORD_GLOBS = ("predictions/*.jsonl", "eval/*/samples.jsonl")  # per-example records (statistics, intersection)
 
 
 def keep_records(runs: list[dict], dest: Path, label_by: Sequence[str]) -> int:
     """Copy the small record files of `runs` to dest/<label>/<task>/seed<seed>/.
 
-    Those four files are all the report reads, so a report folder with its runs/ rebuilds itself:
+    Those four files and the per-example records (predictions/*.jsonl, eval/*/samples.jsonl) are all
+    the report reads, so a report folder with its runs/ rebuilds itself:
     `robustft-report OUT/runs NEW_SWEEP --out OUT --keep-records` adds seeds run in a later session.
     """
     import re
@@ -106,7 +154,8 @@ def keep_records(runs: list[dict], dest: Path, label_by: Sequence[str]) -> int:
         target = dest.joinpath(*(re.sub(r"[^A-Za-z0-9_.=+-]+", "_", p).strip("_") for p in parts))
         if target.resolve() == Path(run["path"]).resolve():
             continue
-        for name in RECORDS:
+        names = [*RECORDS, *(str(p.relative_to(run["path"])) for g in RECORD_GLOBS for p in Path(run["path"]).glob(g))]
+        for name in names:
             src = Path(run["path"]) / name
             if src.is_file():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)

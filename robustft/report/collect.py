@@ -48,22 +48,42 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
+def _metrics_problem(path: Path) -> str | None:
+    """Why metrics.json cannot be used ('missing', 'not JSON: ...'), None when it is a JSON object."""
+    if not path.is_file():
+        return "missing"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"unreadable ({type(e).__name__})"
+    return None if isinstance(data, dict) else "not a JSON object"
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
-    """Read one run folder into a dict with keys path, status, seed, info, config, overrides, metrics."""
+    """Read one run folder into a dict with keys path, status, seed, info, config, overrides, metrics.
+
+    Also `metrics_problem` (a completed run whose metrics.json is missing or corrupt is left out, with a
+    warning, by the report) and `nan_metrics` (keys whose value is NaN: dropped from `metrics`, warned).
+    """
     run_dir = Path(run_dir)
     info = _read_json(run_dir / "run_info.json")
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
     metrics = _read_json(run_dir / "metrics.json")
     seed = info.get("seed", config.get("seed") if isinstance(config, dict) else None)
+    numbers = {k: float(v) for k, v in metrics.items() if _is_number(v)}
     return {
+        "metrics_problem": _metrics_problem(run_dir / "metrics.json"),
+        # NaN scores are warned; a NaN parameter (an attack's max_queries = no limit) is not a score
+        "nan_metrics": sorted(k for k, v in numbers.items() if math.isnan(v) and k.endswith(QUALITY_SUFFIXES)),
         "path": run_dir,
         "status": str(info.get("status", "unknown")),
         "seed": seed,
         "info": info,
         "config": config if isinstance(config, dict) else {},
         "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
-        "metrics": {k: float(v) for k, v in metrics.items() if _is_number(v)},
+        "metrics": {k: v for k, v in numbers.items() if not math.isnan(v)},
+        "records": load_records(run_dir),
     }
 
 
@@ -75,6 +95,55 @@ def load_runs(path: str | Path, include_incomplete: bool = False) -> list[dict[s
     root = Path(path)
     runs = [load_run(p.parent) for p in sorted(root.rglob("run_info.json"))]
     return runs if include_incomplete else [r for r in runs if r["status"] == "completed"]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; unreadable lines are skipped (a torn last line of a killed run)."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "idx" in row:
+            rows.append(row)
+    return rows
+
+
+ATTACK_CLEAN = "#clean"  # records[<attack> + ATTACK_CLEAN]: correct before the attack (status != skipped)
+
+
+def load_records(run_dir: Path) -> dict[str, dict[Any, bool]]:
+    """Per-example correctness of a run, {source: {example id: correct}}, from its kept records.
+
+    Sources: `validation` / `test` from predictions/<split>.jsonl (pred == label), each evaluator from
+    eval/<name>/samples.jsonl: attacks (`status`) give correct under attack (status failed: the attack
+    did not flip it) and, as `<name>#clean`, correct before it (not skipped); others a `correct` field
+    (AdvGLUE; ids are (subset, idx)). Also `<split>#preds`: the set of predicted classes (collapse check)
+    and `<split>#labels`: the label counts (majority-class rate), for class labels only (not regression).
+    """
+    run_dir = Path(run_dir)
+    out: dict[str, Any] = {}
+    for path in sorted(run_dir.glob("predictions/*.jsonl")):
+        rows = _read_jsonl(path)
+        if rows:
+            out[path.stem] = {r["idx"]: r.get("pred") == r.get("label") for r in rows}
+            if all(isinstance(r.get("label"), int) for r in rows):  # classes, not a regression's floats
+                out[path.stem + "#preds"] = {str(r.get("pred")) for r in rows}
+                out[path.stem + "#labels"] = Counter(str(r.get("label")) for r in rows)
+    for path in sorted(run_dir.glob("eval/*/samples.jsonl")):
+        rows, name = _read_jsonl(path), path.parent.name
+        if rows and all("status" in r for r in rows):
+            out[name] = {r["idx"]: r["status"] == "failed" for r in rows}
+            out[name + ATTACK_CLEAN] = {r["idx"]: r["status"] != "skipped" for r in rows}
+        elif rows and all("correct" in r for r in rows):
+            out[name] = {(str(r.get("subset", "")), r["idx"]): bool(r["correct"]) for r in rows}
+            out[name + "#subsets"] = {str(r.get("subset", "")) for r in rows}
+    return out
 
 
 def skipped_message(runs: Iterable[dict[str, Any]]) -> str | None:
@@ -161,7 +230,7 @@ def group_runs(
     for key in group_by or ():
         if runs and all(lookup(r, key) == MISSING for r in runs):
             raise ReportError(
-                f"--group-by key {key!r} is in no run's .hydra/config.yaml or run_info.json; "
+                f"--group-by key {key[:200]!r} is in no run's .hydra/config.yaml or run_info.json; "
                 "use dotted config keys such as method.name, task.name, trainer.lr"
             )
     groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}

@@ -1,7 +1,8 @@
 """Outputs of the scorecard: rich table, report.md, report.csv, report.tex (booktabs), report.png.
 
-Cells read "mean ± std (n)"; `*` marks a difference from the baseline whose 95% bootstrap CI excludes 0,
-`†` one that does not survive dropping a single seed (sign flip or CI covering 0).
+Cells read "mean ± std (n)"; `*` marks a difference from the baseline whose Holm-adjusted p < 0.05
+(stats.Comparison.significant), `†` one that does not survive dropping a single seed; `‡` on a column
+title: scored on the split that selected the checkpoint.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import csv
 import math
 from pathlib import Path
 
+from robustft.report.plots import plot, plotted_columns  # noqa: F401  (re-exported: cli, tests)
 from robustft.report.scorecard import COST_KEY, Column, Scorecard, cell_stats
-from robustft.report.stats import Comparison
+from robustft.report.stats import ALPHA, Comparison
 
-SIGNIFICANT, FRAGILE = "*", "†"
+SIGNIFICANT, FRAGILE, SELECTED = "*", "†", "‡"
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -40,18 +42,41 @@ def cell_text(card: Scorecard, label: str, col: Column) -> str:
     return "" if not n else f"{fmt(mean)} ± {fmt(std)} ({n}){marks(card, label, col)}"
 
 
+def column_title(col: Column) -> str:
+    return col.title + (SELECTED if col.selected else "")
+
+
+def mdd_text(card: Scorecard, col: Column) -> str:
+    """The column's minimum detectable differences (80% power), as a range over its comparisons."""
+    values = sorted(c.mdd for lab in card.labels if (c := card.comparisons.get(lab, {}).get(col.key))
+                    and not math.isnan(c.mdd))
+    if not values:
+        return ""
+    return f"{values[0]:.3f}" if values[-1] - values[0] < 5e-4 else f"{values[0]:.3f}-{values[-1]:.3f}"
+
+
 def grid(card: Scorecard) -> tuple[list[str], list[list[str]]]:
-    header = ["method", *(c.title for c in card.columns)]
-    return header, [[lab, *(cell_text(card, lab, c) for c in card.columns)] for lab in card.labels]
+    header = ["method", *(column_title(c) for c in card.columns)]
+    rows = [[lab, *(cell_text(card, lab, c) for c in card.columns)] for lab in card.labels]
+    if card.comparisons:
+        rows.append(["MDD (80% power)", *(mdd_text(card, c) for c in card.columns)])
+    return header, rows
 
 
 def legend(card: Scorecard) -> str:
+    std = "std = sample standard deviation over seeds (ddof=1)."
+    selected = (f" {SELECTED} = selected on this set: scored on the split that chose the checkpoint (and early "
+                "stopping), so it is optimistic." if any(c.selected for c in card.columns) else "")
     if not card.baseline:
-        return "Cells: mean ± std (n seeds)."
-    return (f"Cells: mean ± std (n seeds). {SIGNIFICANT} = the paired difference from {card.baseline} "
-            f"(same task and seed) has a 95% bootstrap CI that excludes 0; {FRAGILE} = that difference flips "
-            f"sign or its CI covers 0 when any single seed is dropped. Cost = mean {COST_KEY} "
-            f"relative to {card.baseline}.")
+        return f"Cells: mean ± std (n seeds); {std}{selected}"
+    return (f"Cells: mean ± std (n seeds); {std} {SIGNIFICANT} = the difference from {card.baseline} has a "
+            f"Holm-adjusted p < {ALPHA} (Holm over the methods of the column). The test is the crossed seeds x "
+            "examples t-test where both rows have per-example records (test 'examples'), else the paired t-test "
+            f"over seeds (test 'seeds'). {FRAGILE} = a marked difference that flips sign or loses p < {ALPHA} "
+            "(seeds: its bootstrap CI covers 0) when any single seed is dropped. A row with a run at the "
+            "majority-class rate is never marked on that task's robustness columns. MDD = minimum detectable "
+            f"difference at 80% power and two-sided alpha {ALPHA}/m (Holm's first step, m methods). Cost = mean {COST_KEY} relative to "
+            f"{card.baseline}.{selected}")
 
 
 def comparison_rows(card: Scorecard) -> list[tuple[str, Column, Comparison]]:
@@ -59,13 +84,24 @@ def comparison_rows(card: Scorecard) -> list[tuple[str, Column, Comparison]]:
             if col.key in card.comparisons.get(lab, {})]
 
 
+def mcnemar_text(c: Comparison) -> str:
+    """'2/5 seeds' with exact McNemar p < ALPHA (within-seed tests over examples), '' without records."""
+    if not c.mcnemar:
+        return ""
+    return f"{sum(p < ALPHA for p in c.mcnemar)}/{len(c.mcnemar)} seeds"
+
+
 def comparison_cells(lab: str, col: Column, c: Comparison) -> list[str]:
-    flags = ("CI excludes 0" if c.significant else "") + (", fragile" if c.fragile else "")
-    return [lab, col.title, str(c.n), f"{c.diff:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
-            fmt_p(c.p_t), fmt_p(c.p_holm), fmt_p(c.p_wilcoxon), flags.strip(", ")]
+    flags = [f for f, on in (("marked", c.significant), ("fragile", c.fragile and c.significant),
+                             ("CI excludes 0", c.ci_excludes_0), ("majority class", c.collapsed)) if on]
+    units = f"{c.n} x {c.n_examples}" if c.test == "examples" else str(c.n)
+    return [lab, column_title(col), c.test, units, f"{c.diff:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+            fmt_p(c.p), fmt_p(c.p_holm), fmt(c.mdd), fmt_p(c.p_t), mcnemar_text(c), fmt_p(c.p_wilcoxon),
+            ", ".join(flags)]
 
 
-COMPARISON_HEADER = ["method", "column", "pairs", "diff", "95% CI", "p (t)", "p (Holm)", "p (Wilcoxon)", "flags"]
+COMPARISON_HEADER = ["method", "column", "test", "seeds (x examples)", "diff", "95% CI", "p", "p (Holm)", "MDD",
+                     "p (seed t)", f"McNemar p<{ALPHA}", "p (Wilcoxon)", "flags"]
 
 
 # -------------------------------------------------------------------------------------------- terminal
@@ -87,6 +123,8 @@ def print_terminal(card: Scorecard, title: str) -> None:
         table.add_row(*(escape(x) for x in row))
     console.print(table)
     console.print(legend(card))
+    for line in card.footer:
+        console.print(f"attack parameters: {escape(line)}")
     for w in card.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
 
@@ -107,9 +145,14 @@ def to_markdown(card: Scorecard, title: str) -> str:
     comps = comparison_rows(card)
     if comps:
         lines += [f"## Paired differences vs {card.baseline}", "",
-                  "Over the seeds both have; 95% percentile bootstrap CI of the mean difference; paired t-test, "
-                  "Holm-adjusted over the methods of each column; Wilcoxon signed-rank from 6 pairs.", "",
+                  "Over the seeds both have (and, test 'examples', the examples both scored in every one of them). "
+                  "'examples': crossed seeds x examples t-test (Satterthwaite df) and its 95% CI; exact McNemar "
+                  "within each seed. 'seeds': paired t-test over seeds, 95% percentile bootstrap CI. p (Holm): "
+                  "Holm over the methods of each column; the mark is p (Holm) < 0.05. Wilcoxon from 6 pairs. "
+                  "See docs/statistics.md.", "",
                   *_md_table(COMPARISON_HEADER, [comparison_cells(*c) for c in comps]), ""]
+    if card.footer:
+        lines += ["## Attack parameters", "", *(f"- {line}" for line in card.footer), ""]
     if card.warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in card.warnings), ""]
     return "\n".join(lines)
@@ -122,7 +165,8 @@ def _num(x: float | None) -> str | float:
 def write_csv(card: Scorecard, path: Path) -> None:
     """Long format: one row per (method, column) with the cell statistics and the comparison."""
     header = ["method", "column", "kind", "task", "metric", "mean", "std", "n", "seeds", "relative_cost",
-              "diff", "ci_low", "ci_high", "p_t", "p_holm", "p_wilcoxon", "pairs", "ci_excludes_0", "fragile"]
+              "diff", "ci_low", "ci_high", "p_t", "p_holm", "p_wilcoxon", "pairs", "ci_excludes_0", "fragile",
+              "test", "p", "mdd", "n_examples", "mcnemar_p", "marked", "selected"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -135,10 +179,11 @@ def write_csv(card: Scorecard, path: Path) -> None:
                 mean, std, n = cell_stats(values)
                 seeds = " ".join(str(s) for _, s in sorted(values, key=repr))
                 c = card.comparisons.get(lab, {}).get(col.key)
-                comp = ([c.diff, c.ci_low, c.ci_high, c.p_t, c.p_holm, c.p_wilcoxon, c.n, c.significant, c.fragile]
-                        if c else [""] * 9)
+                comp = ([c.diff, c.ci_low, c.ci_high, c.p_t, c.p_holm, c.p_wilcoxon, c.n, c.ci_excludes_0, c.fragile,
+                         c.test, c.p, c.mdd, c.n_examples or "", " ".join(f"{p:.4g}" for p in c.mcnemar),
+                         c.significant] if c else [""] * 15)
                 writer.writerow([lab, col.title, col.kind, col.task, col.metric, _num(mean), _num(std), n or "",
-                                 seeds, _num(rel), *map(_num, comp)])
+                                 seeds, _num(rel), *map(_num, comp), col.selected])
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
@@ -160,42 +205,8 @@ def to_latex(card: Scorecard) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs})."""
     header, rows = grid(card)
     lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-             " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
+             " & ".join(_tex_escape(h).replace(SELECTED, r"$^\ddagger$") for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join([_tex_escape(r[0]), *map(_tex_cell, r[1:])]) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}", "", r"\par\footnotesize " + _tex_escape(legend(card))
+              .replace("±", r"$\pm$").replace(SELECTED, r"$\ddagger$").replace(FRAGILE, r"$\dagger$"), ""]
     return "\n".join(lines)
-
-
-def plotted_columns(card: Scorecard, task: str) -> list[Column]:
-    """The bars of a task's panel: clean first, then every robust score (AdvGLUE, each attack, each OOD set)."""
-    return [c for kind in ("clean", "advglue", "attack", "ood") for c in card.columns if c.task == task and c.kind == kind]
-
-
-def plot(card: Scorecard, path: Path) -> None:
-    """Clean and every robust score per method with ±std error bars, one panel per task (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tasks = [c.task for c in card.columns if c.kind == "clean"]
-    bars = max((len(plotted_columns(card, t)) for t in tasks), default=2)
-    width = max(4.5, 0.6 * bars * len(card.labels))
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(width * max(1, len(tasks)), 4), squeeze=False)
-    x = np.arange(len(card.labels))
-    for ax, task in zip(axes[0], tasks):
-        cols = plotted_columns(card, task)
-        w = 0.8 / len(cols)
-        for i, col in enumerate(cols):
-            stats = [cell_stats(card.cell(lab, col)) for lab in card.labels]
-            ax.bar(x + (i - (len(cols) - 1) / 2) * w, [s[0] for s in stats], w,
-                   yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], capsize=2,
-                   label=col.title.removeprefix(f"{task} "))
-        ax.set_xticks(x, card.labels, rotation=30, ha="right")
-        ax.set_title(task)
-        ax.set_ylabel("score")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from robustft.report import hygiene
 from robustft.report.collect import MISSING, ReportError, lookup
+from robustft.report.records import attack_footer, cell_records, common_correct, intersection_values
 from robustft.report.stats import Comparison, compare, holm
+from robustft.report.stats_examples import compare_examples
 
 ADVGLUE_KEY = "advglue/overall"   # the official AdvGLUE score of the run's task subset(s)
 ATTACK_SUFFIX = "/acc_under_attack"
@@ -35,6 +38,8 @@ class Column:
     task: str
     metric: str
     kind: str     # clean | advglue | attack | ood | cost
+    selected: bool = False  # scored on the split that selected the checkpoint ("selected on this set")
+    common: bool = False    # accuracy under attack on the examples every compared run got right (A2T)
 
 
 @dataclass
@@ -50,6 +55,10 @@ class Scorecard:
     relative_cost: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> task -> ratio
     warnings: list[str] = field(default_factory=list)
     n_runs: int = 0
+    records: dict[str, dict[str, dict[tuple[str, Any], dict]]] = field(default_factory=dict)  # per-example
+    majority: dict[str, float] = field(default_factory=dict)   # task -> majority-class rate of its clean split
+    collapsed: set[tuple[str, str]] = field(default_factory=set)  # (label, task) with a collapsed run
+    footer: list[str] = field(default_factory=list)            # attack parameters the runs recorded
 
     def cell(self, label: str, column: Column) -> dict[tuple[str, Any], float]:
         return self.values.get(label, {}).get(column.key, {})
@@ -119,17 +128,26 @@ def _task_columns(task: str, runs: list[dict[str, Any]]) -> list[Column]:
     """clean main metric, AdvGLUE, each attack, each OOD set: whatever some run of the task has."""
     keys = {k for r in runs for k in r["metrics"]}
     cols = []
-    mains = sorted({m for r in runs if (m := _main_metric(r)) and m in r["metrics"]})
+    mains = sorted({clean_metric(m, keys) for r in runs if (m := _main_metric(r)) and m in r["metrics"]})
     for m in mains:
         name = m.partition("/")[2] or m
-        cols.append(Column(f"{task}|{m}", f"{task} clean" + ("" if name == "accuracy" else f" {name}"), task, m, "clean"))
+        title = f"{task} clean" + ("" if name == "accuracy" else f" {name}") + (" (held-out test)" if
+                                                                                m.startswith("test/") else "")
+        cols.append(Column(f"{task}|{m}", title, task, m, "clean", selected=m.startswith("validation/")))
     if ADVGLUE_KEY in keys:
         cols.append(Column(f"{task}|{ADVGLUE_KEY}", f"{task} AdvGLUE", task, ADVGLUE_KEY, "advglue"))
+    on_dev = not any(r["info"].get("selection") == "carve" for r in runs)  # attacks drew from the selection set
     for k in sorted(k for k in keys if k.endswith(ATTACK_SUFFIX)):
-        cols.append(Column(f"{task}|{k}", f"{task} {k.removesuffix(ATTACK_SUFFIX)}", task, k, "attack"))
+        cols.append(Column(f"{task}|{k}", f"{task} {k.removesuffix(ATTACK_SUFFIX)}", task, k, "attack", on_dev))
     for k in sorted(k for k in keys if OOD_PATTERN.match(k)):
         cols.append(Column(f"{task}|{k}", f"{task} OOD {OOD_PATTERN.match(k).group(1)}", task, k, "ood"))
     return cols
+
+
+def clean_metric(main: str, keys: set[str]) -> str:
+    """The clean column's metric: the held-out `test/<name>` when runs have it, else the main metric."""
+    split, _, name = main.partition("/")
+    return f"test/{name}" if split == "validation" and f"test/{name}" in keys else main
 
 
 def _collect_values(runs: list[dict[str, Any]], labels: list[str], columns: list[Column],
@@ -170,10 +188,14 @@ def _pooled_advglue(card: Scorecard, tasks: list[str]) -> None:
 
 
 def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by: Sequence[str] = (),
-          baseline_required: bool = False) -> Scorecard:
-    """The scorecard of completed `runs`; comparisons and relative cost vs `baseline` when it is a row."""
+          baseline_required: bool = False, majority: dict[str, float] | None = None) -> Scorecard:
+    """The scorecard of completed `runs`; comparisons and relative cost vs `baseline` when it is a row.
+
+    `majority`: task -> majority-class rate of its clean split, for runs without records (collapse check).
+    """
     if not runs:
         raise ReportError("no completed runs to report")
+    hygiene.check_label_keys(runs, label_by)
     with_model = len({_name(r, "model.name") for r in runs}) > 1
     parts = {i: label_parts(r, label_by, with_model) for i, r in enumerate(runs)}
     label_of = {i: name + suffix for i, (name, suffix) in parts.items()}
@@ -186,16 +208,21 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
         by_task[_name(r, "task.name") or "?"].append(r)
     tasks = sorted(by_task)
     columns = [c for t in tasks for c in _task_columns(t, by_task[t])]
+    hygiene.config_conflicts(runs, label_of)
     values, warns = _collect_values(runs, labels, columns, label_of)
     if not any(name == baseline for name, _ in parts.values()):
         if baseline_required:
-            raise ReportError(f"--baseline {baseline} is not a row of the report (rows: {', '.join(labels)}); "
-                              "pass one of them")
+            raise ReportError(hygiene.quote(f"--baseline {baseline} is not a row of the report (rows: "
+                                            f"{', '.join(labels)})") + "; pass one of them")
         warns.append(f"no {baseline} runs: no paired comparisons or relative cost (choose a row with --baseline)")
         baseline = None
     card = Scorecard(labels, columns, {lab: dict(v) for lab, v in values.items()}, baseline, baseline_of,
-                     warnings=warns, n_runs=len(runs))
+                     warnings=warns, n_runs=len(runs), majority=hygiene.majority_rates(runs, majority or {}))
     _pooled_advglue(card, tasks)
+    _attach_records(card, runs, label_of)
+    _mark_collapsed(card, runs, label_of)
+    card.footer = attack_footer(runs, sorted({c.metric.removesuffix(ATTACK_SUFFIX) for c in columns
+                                              if c.kind == "attack"}))
     if baseline:
         _compare_all(card)
         _relative_cost(card, runs, label_of, tasks)
@@ -203,14 +230,69 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     return card
 
 
+def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> None:
+    """Per-example records of each column, and an intersection column beside each attack with records."""
+    def task_of(i: int) -> str:
+        return _name(runs[i], "task.name") or "?"
+
+    for col in list(card.columns):
+        recs = cell_records(runs, col, label_of.__getitem__, task_of)
+        if recs:
+            for lab, cells in recs.items():
+                card.records.setdefault(lab, {})[col.key] = cells
+        if col.kind != "attack" or not recs:
+            continue
+        attack = col.metric.removesuffix(ATTACK_SUFFIX)
+        mine = [i for i in range(len(runs)) if task_of(i) == col.task and col.metric in runs[i]["metrics"]]
+        ids = common_correct([runs[i] for i in mine], attack)
+        if ids is None:
+            continue
+        common = Column(f"{col.key}|common", f"{col.title} on common ({len(ids)})", col.task, col.metric,
+                        "attack", col.selected, common=True)
+        keys = [(label_of[i], (col.task, runs[i]["seed"])) for i in mine]
+        values, cells = intersection_values([runs[i] for i in mine], attack, ids, keys)
+        for (lab, key), v in values.items():
+            card.values[lab].setdefault(common.key, {}).setdefault(key, v)
+            card.records.setdefault(lab, {}).setdefault(common.key, {}).setdefault(key, cells[(lab, key)])
+        card.columns.insert(card.columns.index(col) + 1, common)
+
+
+def _mark_collapsed(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> None:
+    """Rows with a run at the majority class on a task: warned, and never marked on that task."""
+    names = []
+    for i, run in enumerate(runs):
+        task = _name(run, "task.name") or "?"
+        clean = next((c.metric for c in card.columns if c.task == task and c.kind == "clean"), None)
+        if hygiene.collapsed(run, clean, card.majority.get(task)):
+            card.collapsed.add((label_of[i], task))
+            names.append(f"{label_of[i]} seed {run['seed']}")
+    if names:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} runs)" if len(names) > 8 else "")
+        card.warnings.append(f"at the majority-class rate (one predicted class, or a clean score within "
+                             f"{hygiene.COLLAPSE_MARGIN:.2f} of it): {shown}; their rows are not marked on that task's robustness columns")
+
+
 def _compare_all(card: Scorecard) -> None:
-    """Every method vs the baseline per column; Holm over the methods of each column (p of the t-test)."""
+    """Every method vs the baseline per column: the example-level test where both rows have per-example
+    records, else the seed-level t-test; Holm over the methods of each column; the mark is p_holm < 0.05."""
     for col in card.columns:
-        comps = {lab: compare(card.cell(lab, col), card.cell(base, col)) for lab, base in card.baseline_of.items()
-                 if card.cell(lab, col) and card.cell(base, col)}
-        for lab, p in zip(comps, holm([c.p_t for c in comps.values()])):
+        pairs = [(lab, base) for lab, base in card.baseline_of.items() if card.cell(lab, col) and card.cell(base, col)]
+        comps = {}
+        for lab, base in pairs:
+            mine, theirs = (card.records.get(r, {}).get(col.key, {}) for r in (lab, base))
+            comp = compare_examples(mine, theirs, len(pairs)) if mine and theirs else None
+            comps[lab] = comp or compare(card.cell(lab, col), card.cell(base, col), len(pairs))
+            # a majority-class run's robust "gains" are the majority class; its clean loss is real and stays
+            comps[lab].collapsed = col.kind != "clean" and bool({(lab, col.task), (base, col.task)} & card.collapsed)
+        for lab, p in zip(comps, holm([c.p for c in comps.values()])):
             comps[lab].p_holm = p
             card.comparisons.setdefault(lab, {})[col.key] = comps[lab]
+    seedwise = sorted({col.title for col in card.columns for comps in card.comparisons.values()
+                       if col.key in comps and comps[col.key].test == "seeds"
+                       and col.kind in ("clean", "advglue", "attack")})
+    if seedwise:
+        card.warnings.append(f"no per-example records for {', '.join(seedwise)}: their marks use the paired t-test "
+                             "over seeds (weaker; rerun with records, predictions/*.jsonl and eval/*/samples.jsonl)")
 
 
 def _relative_cost(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str], tasks: list[str]) -> None:

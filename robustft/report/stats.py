@@ -19,6 +19,9 @@ from scipy import stats
 BOOTSTRAP_SEED = 0          # fixed random_state: the same report from the same runs
 BOOTSTRAP_RESAMPLES = 9999  # scipy's default
 MIN_WILCOXON = 6            # below 6 pairs the two-sided exact Wilcoxon p-value cannot reach 0.05
+ALPHA = 0.05                # the level of the mark (Holm-adjusted)
+POWER = 0.80                # the power of the minimum detectable difference
+TOL = 1e-9                  # accuracies are counts / n (n < 1e6): a CI end within 1e-9 of 0 is 0
 
 
 @dataclass
@@ -31,13 +34,24 @@ class Comparison:
     ci_high: float
     p_t: float             # paired t-test
     p_wilcoxon: float      # Wilcoxon signed-rank (nan when n < MIN_WILCOXON)
-    fragile: bool = False  # a CI-excluding-0 difference that flips sign or covers 0 when one seed is dropped
+    fragile: bool = False  # a marked difference that flips sign or loses p < 0.05 when one seed is dropped
     p_holm: float = math.nan
+    test: str = "seeds"    # what `p` is: "seeds" (paired t over seeds) or "examples" (crossed seed x example test)
+    p: float = math.nan    # the p-value behind the mark (Holm-adjusted into p_holm over the methods of a column)
+    mdd: float = math.nan  # minimum detectable difference at 80% power, two-sided alpha / m (Holm's first step)
+    n_examples: int = 0    # examples scored by both runs in every shared seed (test == "examples")
+    mcnemar: tuple[float, ...] = ()  # exact McNemar p per shared seed (test == "examples")
+    collapsed: bool = False  # a run of the row or its baseline predicts one class: never marked
 
     @property
     def significant(self) -> bool:
-        """The 95% bootstrap CI excludes 0."""
-        return not math.isnan(self.ci_low) and (self.ci_low > 0 or self.ci_high < 0)
+        """The mark: Holm-adjusted p (over the methods of the column) < ALPHA, never for a collapsed row."""
+        return not self.collapsed and not math.isnan(self.p_holm) and self.p_holm < ALPHA
+
+    @property
+    def ci_excludes_0(self) -> bool:
+        """The CI excludes 0, compared with a tolerance (a float sum of equal accuracies is 1e-17, not 0)."""
+        return excludes_zero(self.ci_low, self.ci_high)
 
 
 def paired_diffs(method: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> np.ndarray:
@@ -58,11 +72,25 @@ def bootstrap_ci(diffs: np.ndarray, confidence: float = 0.95) -> tuple[float, fl
         return float(diffs[0]), float(diffs[0])
     res = stats.bootstrap((diffs,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
                           method="percentile", random_state=BOOTSTRAP_SEED)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    # an end within TOL of 0 is 0: a resample of equal accuracies sums to +-1e-17 in floating point
+    low, high = (0.0 if abs(v) < TOL else float(v) for v in res.confidence_interval)
+    return low, high
 
 
-def _excludes_zero(low: float, high: float) -> bool:
-    return not math.isnan(low) and (low > 0 or high < 0)
+def excludes_zero(low: float, high: float) -> bool:
+    """low > 0 or high < 0 beyond TOL: 0.8257 - 0.8257 summed in another order is +2.2e-17, not a gain."""
+    return not math.isnan(low) and (low > TOL or high < -TOL)
+
+
+def mdd(se: float, df: float, m: int = 1, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable difference of a two-sided t-type test: (t_{1-alpha/2m} + t_{power}) x se.
+
+    alpha / m is the level Holm asks of the smallest of m p-values, so "not significant" reads as "no
+    effect larger than this was likely to be found" (Cohen's normal approximation, with t quantiles).
+    """
+    if math.isnan(se) or math.isnan(df) or df <= 0:
+        return math.nan
+    return float((stats.t.ppf(1 - alpha / (2 * max(m, 1)), df) + stats.t.ppf(power, df)) * se)
 
 
 def t_test(diffs: np.ndarray) -> float:
@@ -84,24 +112,34 @@ def wilcoxon(diffs: np.ndarray) -> float:
 def drop_one_fragile(diffs: np.ndarray) -> bool:
     """True when the CI excludes 0 but dropping some single pair flips the sign or lets the CI cover 0."""
     low, high = bootstrap_ci(diffs)
-    if not _excludes_zero(low, high):
+    if not excludes_zero(low, high):
         return False
     sign = np.sign(diffs.mean())
     for i in range(len(diffs)):
         rest = np.delete(diffs, i)
         lo, hi = bootstrap_ci(rest)
-        if np.sign(rest.mean()) != sign or not _excludes_zero(lo, hi):
+        if np.sign(rest.mean()) != sign or not excludes_zero(lo, hi):
             return True
     return False
 
 
-def compare(method: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> Comparison:
-    """Everything the scorecard says about one method-vs-baseline cell (Holm is set by `holm` later)."""
+def seed_se(diffs: np.ndarray) -> float:
+    """Standard error of the mean paired difference over seeds (ddof=1); nan below 2 pairs."""
+    return float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+
+
+def compare(method: Mapping[Hashable, float], baseline: Mapping[Hashable, float], m: int = 1) -> Comparison:
+    """The seed-level comparison of one method-vs-baseline cell (Holm is set by `holm` later).
+
+    The mark's test is the paired t-test over seeds (`p`); the bootstrap CI and Wilcoxon are shown beside
+    it. This is the fallback for runs without per-example records (stats_examples.compare_examples).
+    """
     diffs = paired_diffs(method, baseline)
     low, high = bootstrap_ci(diffs)
+    p_t = t_test(diffs)
     return Comparison(n=len(diffs), diff=float(diffs.mean()) if len(diffs) else math.nan, ci_low=low,
-                      ci_high=high, p_t=t_test(diffs), p_wilcoxon=wilcoxon(diffs),
-                      fragile=drop_one_fragile(diffs))
+                      ci_high=high, p_t=p_t, p_wilcoxon=wilcoxon(diffs), fragile=drop_one_fragile(diffs),
+                      test="seeds", p=p_t, mdd=mdd(seed_se(diffs), len(diffs) - 1, m))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
