@@ -1,6 +1,6 @@
 """Search spaces: Hydra's sweep grammar (as in Hydra's own Optuna sweeper plugin) to Optuna distributions.
 
-    interval(a, b)              float uniform on [a, b] (ints a, b: integer uniform)
+    interval(a, b)              float uniform on [a, b]; int(interval(a, b)) integers a..b
     tag(log, interval(a, b))    log-uniform (both ends > 0)
     choice(x, y, ...)           categorical
     range(a, b[, step])         integers a, a+step, ... < b (Python's range; float steps: a float grid)

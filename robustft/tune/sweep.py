@@ -115,11 +115,10 @@ def objective(run_dir: Path, split: str) -> tuple[str, float | None, str]:
     return "COMPLETE", float(value), key
 
 
-def sampler_for(o: Options, cell_index: int, number: int) -> Any:
+def sampler_for(o: Options, number: int) -> Any:
     """A fresh sampler seeded by (seed, trial number): the same trial sequence on a rerun and after a resume
-    (Optuna's samplers keep their RNG in the process). The cell index is left out on purpose: every arm gets
-    the same random draws of a shared dimension such as trainer.lr (common random numbers)."""
-    del cell_index
+    (Optuna's samplers keep their RNG in the process). Every cell (arm) gets the same random draws of a
+    shared dimension such as trainer.lr at the same trial number (common random numbers)."""
     seed = getattr(o.sampler, "keywords", {}).get("seed")
     return o.sampler(seed=None if seed is None else (int(seed) * 1_000_003 + number) % 2**32)
 
@@ -137,9 +136,13 @@ def ask_batch(o: Options, cells: list[Cell]) -> list[tuple[Cell, Any, str]]:
         open_cells = [c for c in cells if counts[c.label] < o.n_trials]
         if not open_cells:
             break
-        i, cell = min(enumerate(open_cells), key=lambda ic: counts[ic[1].label])
-        cell.study.sampler = sampler_for(o, cells.index(cell), len(cell.study.get_trials(deepcopy=False)))
-        trial = cell.study.ask(cell.space)
+        cell = min(open_cells, key=lambda c: counts[c.label])
+        trial = cell.study.ask()
+        # seeded by the trial's number, known only now (two workers may ask at once); Optuna samples lazily,
+        # at the first suggestion, and a re-queued trial's fixed params win (what ask(distributions) does)
+        cell.study.sampler = sampler_for(o, trial.number)
+        for name, dist in cell.space.items():
+            trial._suggest(name, dist)
         if not st.slot(cell.study, trial, o.n_trials):  # another worker took the last slot first
             trial.set_user_attr(st.SURPLUS, True)
             cell.study.tell(trial, state=_state("FAIL"))
@@ -233,7 +236,7 @@ def open_studies(o: Options, cells: list[Cell], sweep_dir: Path) -> str:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for cell in cells:
         cell.study = optuna.create_study(study_name=f"{o.study_name}/{cell.label}", storage=storage,
-                                         direction=o.direction, load_if_exists=True)
+                                         direction=o.direction, load_if_exists=True, sampler=sampler_for(o, 0))
     log.info("optuna: %d studies in %s (%s), %d trials each", len(cells), described, o.stage, o.n_trials)
     return described
 
