@@ -45,10 +45,15 @@ def report(args: argparse.Namespace) -> Path:
     from robustft.report.scorecard import build, run_warnings
 
     all_runs = []
+    from robustft.report import tuning  # here, apart: the report's own imports above stay as they are
+
+    tuned = [p for p in args.paths if p.is_dir() and tuning.is_tuned_sweep(p)]
     for path in args.paths:
         if not path.is_dir():
             raise ReportError(f"{path} is not a folder; pass run or sweep folders (e.g. multirun/<timestamp>)")
         found = load_runs(path, include_incomplete=True)
+        if path in tuned:  # a tuned sweep (hydra/sweeper=optuna): its trials are the search, final/ the results
+            found = [r for r in found if "trials" not in Path(r["path"]).relative_to(path).parts[:1]]
         if not found:
             raise ReportError(f"no runs (run_info.json files) under {path}; pass the folder of a run or a sweep")
         all_runs += found
@@ -73,6 +78,10 @@ def report(args: argparse.Namespace) -> Path:
     (out / "report.tex").write_text(render.to_latex(card))
     render.plot(card, out / "report.png")
     print(f"wrote {out}/report.md, report.csv, report.tex, report.png")
+    if tuned:  # each arm's budget and expected-max curve, also appended to report.md
+        with open(out / "report.md", "a") as f:
+            f.write("\n" + tuning.write(tuned, out))
+        print(f"wrote {out}/expected_max.md, expected_max.csv, expected_max.png (tuning budget per arm)")
     if args.keep_records:
         print(f"kept the records of {keep_records(runs, out / 'runs', args.label_by)} runs in {out}/runs")
     return out
