@@ -52,6 +52,8 @@ def build_evaluators(cfg: DictConfig) -> list[Evaluator]:
     evaluators: list[Evaluator] = []
     data_dir = resolve_data_dir(cfg.get("data_dir"))
     for key in section:
+        if "_target_" not in section[key]:  # a recipe's options of an evaluator `robustness=[...]` left out
+            continue
         ev = instantiate(section[key])
         ev.name = str(section[key].get("name", key))
         ev.check(cfg.task, data_dir)

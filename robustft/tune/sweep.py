@@ -55,6 +55,7 @@ class Options:
     heartbeat_s: float
     grace_s: float
     params: dict[str, Any]
+    trial_overrides: list[str] = field(default_factory=list)
 
 
 def check_options(o: Options) -> None:
@@ -172,7 +173,7 @@ def search(o: Options, cells: list[Cell], fixed: list[str], seeds: list[str], sw
         batch = ask_batch(o, cells)
         if not batch:
             break
-        jobs = [overrides_of(c, fixed, seeds[0], dict(t.params), d) for c, t, d in batch]
+        jobs = [[*overrides_of(c, fixed, seeds[0], dict(t.params), d), *o.trial_overrides] for c, t, d in batch]
         log.info("optuna: trials %s", ", ".join(f"{c.label}#{t.number} {t.params}" for c, t, _ in batch))
         beat = st.Heartbeat(o.heartbeat_s)
         beat.trials = [t for _, t, _ in batch]
@@ -242,7 +243,8 @@ def open_studies(o: Options, cells: list[Cell], sweep_dir: Path) -> str:
 
 
 def to_options(kwargs: dict[str, Any]) -> Options:
-    params = kwargs.get("params")
+    params, extra = kwargs.get("params"), kwargs.get("trial_overrides")
     if isinstance(params, DictConfig):
         params = OmegaConf.to_container(params, resolve=True)
-    return Options(**{**kwargs, "params": dict(params or {})})
+    extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra
+    return Options(**{**kwargs, "params": dict(params or {}), "trial_overrides": [str(x) for x in extra or []]})
