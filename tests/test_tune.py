@@ -197,3 +197,65 @@ def test_cli_search_runs_trials_whose_objective_is_the_validation_score(tmp_path
         assert info["main_metric"] == "validation/accuracy" and t.value == metrics["validation/accuracy"]
         overrides = (run / ".hydra" / "overrides.yaml").read_text()
         assert f"trainer.lr={t.params['trainer.lr']!r}" in overrides  # the run trained with the sampled value
+
+
+def test_nothing_a_job_runs_can_sample():
+    """Only the sweeper process samples: no module a job (any rank of a data-parallel trial) runs imports
+    robustft.tune or optuna, so every rank trains with the overrides it was given."""
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if any(d.startswith("robustft.tune") for d in deps)}
+    assert users <= {m for m in graph if m.startswith("robustft.tune")}, users
+    root = Path(__file__).resolve().parent.parent / "robustft"
+    outside = [p for p in root.rglob("*.py") if "tune" not in p.parts and "import optuna" in p.read_text()]
+    assert outside == []
+
+
+@needs_data()
+@pytest.mark.slow  # ~2 min: a killed search resumed, the final seeds and the report on tiny_random
+def test_cli_killed_search_resumes_then_final_seeds_and_report(tmp_path):
+    import os
+    import signal
+    import time
+
+    from tests.test_cli import ROBUSTFT, cli_env, run_cli
+
+    sweep = tmp_path / "s"
+    args = ["-m", "hydra/sweeper=optuna", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=3",
+            "method=vanilla,r_drop", *TINY]
+    p = subprocess.Popen([ROBUSTFT, *args], cwd=tmp_path, env=cli_env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = sweep / "trials" / "method=vanilla" / "001" / "run_info.json"  # the third trial (interleaved)
+    deadline = time.time() + 240
+    while not started.is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert started.is_file()
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    for arm in ("vanilla", "r_drop"):
+        trials = optuna.load_study(study_name=f"robustft/method={arm}", storage=storage).trials
+        done = st.counted(trials)
+        assert [t.state for t in done] == [TrialState.COMPLETE] * 3, arm
+        assert len({t.user_attrs[st.RUN_DIR] for t in done}) == 3
+    killed = [t for t in optuna.load_study(study_name="robustft/method=vanilla", storage=storage).trials
+              if t.user_attrs.get(st.RETRIED)]
+    assert len(killed) == 1 and killed[0].number == 1  # re-queued once, into its own folder
+    r = run_cli([*args, "hydra.sweeper.stage=final", "seed=1,2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = optuna.load_study(study_name="robustft/method=r_drop", storage=storage).best_trial
+    for seed in (1, 2):
+        run = sweep / "final" / "method=r_drop" / f"seed={seed}"
+        info = json.loads((run / "run_info.json").read_text())
+        assert info["status"] == "completed" and info["seed"] == seed
+        assert info["tuned_from"]["trial"] == best.number and info["tuned_from"]["study"] == "robustft/method=r_drop"
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        assert f"method.alpha={best.params['method.alpha']}" in overrides
+    r = subprocess.run([sys.executable, "-m", "robustft.report.cli", str(sweep), "--out", str(tmp_path / "rep")],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    section = (tmp_path / "rep" / "report.md").read_text()
+    assert "| method=vanilla | vanilla | 3 | 0 |" in section and "| method=r_drop | r_drop | 3 | 0 |" in section
