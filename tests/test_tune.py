@@ -40,7 +40,7 @@ def test_grammar_maps_to_optuna_distributions():
     assert space == {"trainer.lr": FloatDistribution(1e-5, 1e-3, log=True), "method.p": CategoricalDistribution((0.7, 0.9)),
                      "method.k": IntDistribution(2, 4), "method.x": IntDistribution(1, 4),
                      "method.y": FloatDistribution(0.5, 1.5)}
-    assert grid == {"arm": ["a", "b"], "seed": ["1", "2"]} and fixed == {"model": "tiny_random"}
+    assert grid == {"arm": ["a", "b"], "seed": ["1", "2"]} and fixed == {"model": "model=tiny_random"}
     assert sp.parse("k", "range(30, 91, 10)") == IntDistribution(30, 90, step=10)
     assert sp.format_value(1e-4) == "0.0001" and sp.format_value("trials/arm=a/000") == "'trials/arm=a/000'"
 
@@ -68,6 +68,8 @@ def test_every_search_space_composes_and_names_real_options():
     assert set(cell.space) == {"trainer.lr", "selector.reserve_p"}
     (cell,), _, _ = tune.plan(o, ["method=r3f", "search.trainer.lr=tag(log,interval(1e-4,1e-2))"], compose)
     assert cell.space["trainer.lr"].low == 1e-4  # a range overridden from the command line
+    (cell,), _, _ = tune.plan(o, ["method=r3f", "~search.method.noise_type"], compose)
+    assert set(cell.space) == {"trainer.lr", "method.r3f_lambda"}  # a dimension removed
     with pytest.raises(UserError, match="not an option"):
         tune.plan(o, ["method=r3f", "search.method.lambda=interval(0.1,1)"], compose)
     with pytest.raises(UserError, match="both searched and set"):

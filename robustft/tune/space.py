@@ -94,7 +94,7 @@ def check_bounds(line: str, low: Any, high: Any, log: bool) -> None:
 
 
 def classify(lines: list[str]) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, str]]:
-    """Overrides -> (search dimensions, grid dimensions with their values, fixed overrides).
+    """Overrides -> (search dimensions, grid dimensions with their values, fixed override lines by key).
 
     `search.<key>=...` sets the range of <key>; a sweep function on any key makes it a dimension; a plain
     comma list is a grid dimension (one study per value); anything else is passed to every trial.
@@ -123,7 +123,7 @@ def classify(lines: list[str]) -> tuple[dict[str, Any], dict[str, list[str]], di
         elif o.is_sweep_override():
             space[key] = distribution(o)
         else:
-            fixed[key] = o.input_line.split("=", 1)[1]
+            fixed[key.lstrip("+~")] = o.input_line  # the whole line: `~key` deletions have no `=`
     return space, grid, fixed
 
 

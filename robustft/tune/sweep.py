@@ -74,8 +74,8 @@ def plan(o: Options, arguments: list[str], compose: Any) -> tuple[list[Cell], li
     """Cells (with their spaces), fixed overrides and seeds from the sweeper params and the command line."""
     lines = [f"{k}={v}" for k, v in (o.params or {}).items()] + list(arguments)
     cli_space, grid, fixed = sp.classify(lines)
-    seeds = grid.pop("seed", None) or ([fixed.pop("seed")] if "seed" in fixed else [])
-    fixed_lines = [f"{k}={v}" for k, v in fixed.items()]
+    seeds = grid.pop("seed", None) or ([fixed.pop("seed").split("=", 1)[1]] if "seed" in fixed else [])
+    fixed_lines = list(fixed.values())
     cells = []
     for values in itertools.product(*grid.values()):
         overrides = [f"{k}={v}" for k, v in zip(grid, values)]
