@@ -261,3 +261,47 @@ def test_cli_killed_search_resumes_then_final_seeds_and_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     section = (tmp_path / "rep" / "report.md").read_text()
     assert "| method=vanilla | vanilla | 3 | 0 |" in section and "| method=r_drop | r_drop | 3 | 0 |" in section
+
+
+@needs_data()
+@pytest.mark.slow  # ~1-2 min: a 2-task SLURM job (stand-in sbatch/srun) as one data-parallel trial
+def test_two_rank_slurm_trial_gets_one_parameter_set(tmp_path):
+    """The sweeper samples once; the trial's job is one submission whose two tasks (ranks) run the same
+    overrides as one data-parallel run (world size 2) whose score the study records."""
+    from submitit.core.utils import DelayedSubmission
+
+    from tests.ddp_helpers import free_port
+    from tests.test_cli import ROBUSTFT
+    from tests.test_slurm import ARRAY_ID, MULTI_TASK_SRUN, fake_slurm, wait_for
+
+    fake, work = tmp_path / "slurm", tmp_path / "work"
+    env = fake_slurm(fake)
+    (fake / "bin" / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> "$FAKE_SLURM/calls.log"\n{MULTI_TASK_SRUN}')
+    work.mkdir()
+    sweep, log = work / "s", tmp_path / "robustft.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([ROBUSTFT, "-m", "hydra/sweeper=optuna", "hydra/launcher=slurm",
+                                   "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=1",
+                                   "method=r_drop", *TINY], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    node_env = dict(env, SLURM_JOB_ID=str(ARRAY_ID), SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
+                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    try:
+        wait_for(lambda: len(list(sweep.glob(".submitit/*/*_submitted.pkl"))) == 1, driver, log, timeout=240)
+        (pkl,) = sweep.glob(".submitit/*/*_submitted.pkl")
+        job_overrides = DelayedSubmission.load(pkl).args[0]  # the one job both tasks unpickle
+        (fake / "states").write_text(f"{ARRAY_ID}|RUNNING|localhost\n")
+        assert subprocess.run(["bash", str(fake / "sbatch_0.sh")], cwd=work, env=node_env, timeout=600).returncode == 0
+        (fake / "states").write_text(f"{ARRAY_ID}|COMPLETED|localhost\n")
+        assert driver.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    (t,) = optuna.load_study(study_name="robustft/default", storage=f"sqlite:///{sweep / 'optuna.db'}").trials
+    assert t.state == TrialState.COMPLETE
+    run = sweep / t.user_attrs[st.RUN_DIR]
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["world_size"] == 2 and t.value == json.loads((run / "metrics.json").read_text())["validation/accuracy"]
+    sampled = [f"{k}={sp.format_value(v)}" for k, v in t.params.items()]
+    assert set(sampled) <= set(job_overrides)  # one parameter set, given to the job (all its ranks)
+    assert set(sampled) <= set((run / ".hydra" / "overrides.yaml").read_text().replace("- ", "").splitlines())
