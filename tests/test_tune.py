@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
@@ -217,7 +218,6 @@ def test_nothing_a_job_runs_can_sample():
 @needs_data()
 @pytest.mark.slow  # ~2 min: a killed search resumed, the final seeds and the report on tiny_random
 def test_cli_killed_search_resumes_then_final_seeds_and_report(tmp_path):
-    import os
     import signal
     import time
 
@@ -305,3 +305,26 @@ def test_two_rank_slurm_trial_gets_one_parameter_set(tmp_path):
     sampled = [f"{k}={sp.format_value(v)}" for k, v in t.params.items()]
     assert set(sampled) <= set(job_overrides)  # one parameter set, given to the job (all its ranks)
     assert set(sampled) <= set((run / ".hydra" / "overrides.yaml").read_text().replace("- ", "").splitlines())
+
+
+def test_after_a_launcher_error_the_batch_runs_still_going_are_awaited(tmp_path):
+    """submitit raises at a batch's first failed job: a trial still running (fresh files) is awaited, one
+    whose files went quiet for grace_s (a dead job) is not."""
+    import threading
+    import time
+
+    live, dead = tmp_path / "live", tmp_path / "dead"
+    for run in (live, dead):
+        run.mkdir()
+        (run / "run_info.json").write_text(json.dumps({"status": "running"}))
+    old = time.time() - 100
+    os.utime(dead / "run_info.json", (old, old))
+
+    def finish() -> None:
+        time.sleep(0.5)
+        (live / "run_info.json").write_text(json.dumps({"status": "completed"}))
+
+    threading.Thread(target=finish).start()
+    start = time.time()
+    tune.settle([live, dead], quiet_s=30, poll_s=0.1)
+    assert 0.4 < time.time() - start < 10

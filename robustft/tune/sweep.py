@@ -187,6 +187,8 @@ def search(o: Options, cells: list[Cell], fixed: list[str], seeds: list[str], sw
                     raise UserError(f"the launcher failed before any trial of the batch started ({message}); "
                                     "fix it and rerun the same command to resume") from None
                 log.warning("optuna: the launcher reported %s", message)
+                # submitit raises at the first failed job of a batch while the others may still run
+                settle([sweep_dir / d for _, _, d in batch], o.grace_s)
         job_idx += len(jobs)
         for cell, trial, subdir in batch:
             state, value, why = objective(sweep_dir / subdir, o.objective_split)
@@ -199,6 +201,21 @@ def search(o: Options, cells: list[Cell], fixed: list[str], seeds: list[str], sw
                 cell.study.tell(trial, state=_state("FAIL"))
                 log.warning("optuna: %s trial %d failed (%s); the search goes on", cell.label, trial.number, why)
     return failed
+
+
+def settle(run_dirs: list[Path], quiet_s: float, poll_s: float = 5.0) -> None:
+    """Wait while a run of the batch still says `running` and wrote a file in the last `quiet_s` seconds."""
+    import time
+
+    def busy(run: Path) -> bool:
+        info = run / "run_info.json"
+        if not info.is_file() or json.loads(info.read_text()).get("status") != "running":
+            return False
+        newest = max((f.stat().st_mtime for f in run.rglob("*") if f.is_file()), default=0.0)
+        return time.time() - newest < quiet_s
+
+    while any(busy(r) for r in run_dirs):
+        time.sleep(poll_s)
 
 
 def requeue(batch: list[tuple[Cell, Any, str]]) -> None:
