@@ -328,3 +328,15 @@ def test_after_a_launcher_error_the_batch_runs_still_going_are_awaited(tmp_path)
     start = time.time()
     tune.settle([live, dead], quiet_s=30, poll_s=0.1)
     assert 0.4 < time.time() - start < 10
+
+
+def test_a_recipe_states_the_budget_per_arm():
+    """hydra.sweeper.n_trials defaults to the recipe's tuning.trials (12 without a recipe)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for overrides, n in ((["experiment=baselines_sst2_minilm"], 12), (["experiment=rose_emnlp22_minilm", "tuning.trials=5"], 5),
+                             ([], 12)):
+            cfg = hydra_compose("config", overrides=[*overrides, "hydra/sweeper=optuna"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.n_trials == n
