@@ -59,6 +59,12 @@ def options(**kw: Any) -> Any:
 
 
 def compose(overrides: list[str]) -> Any:
+    return _compose(tuple(overrides))
+
+
+@functools.lru_cache(maxsize=64)
+def _compose(overrides: tuple[str, ...]) -> Any:
+    """Composed once per override list in a test process (the search only reads it)."""
     from robustft.config import compose_config
 
     return compose_config(["model=tiny_random", *overrides])
