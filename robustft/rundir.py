@@ -358,6 +358,11 @@ def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator
     """run_info.json status around a run or a stage: running -> completed | failed | interrupted."""
     run.start(seed=int(cfg.seed), task=cfg.task.name, method=method_name or cfg.method.name, model=cfg.model.name,
               tag=cfg.get("tag"), wall_time_s_before=run.info.get("wall_time_s", 0.0))
+    if cfg.get("tuned_from") is not None:  # a tuned protocol's final run: the study trial it re-runs
+        from omegaconf import OmegaConf
+
+        tuned = cfg.tuned_from
+        run.update(tuned_from=OmegaConf.to_container(tuned) if OmegaConf.is_config(tuned) else tuned)
     try:
         yield
     except Interrupted as e:

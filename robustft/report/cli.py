@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def report(args: argparse.Namespace) -> Path:
     """Load, build, print and write; raises ReportError on bad input. Returns the output folder."""
-    from robustft.report import render
+    from robustft.report import render, tuning
     from robustft.report.collect import ReportError, load_runs
     from robustft.report.hygiene import quote, usable_runs
     from robustft.report.plots import write_forests
@@ -54,10 +54,13 @@ def report(args: argparse.Namespace) -> Path:
     majority = parse_rates(args.majority_rate)
 
     all_runs = []
+    tuned = [p for p in args.paths if p.is_dir() and tuning.is_tuned_sweep(p)]
     for path in args.paths:
         if not path.is_dir():
             raise ReportError(f"{quote(path)} is not a folder; pass run or sweep folders (e.g. multirun/<timestamp>)")
         found = load_runs(path, include_incomplete=True)
+        if path in tuned:  # a tuned sweep (hydra/sweeper=optuna): its trials are the search, final/ the results
+            found = [r for r in found if "trials" not in Path(r["path"]).relative_to(path).parts[:1]]
         if not found:
             raise ReportError(f"no runs (run_info.json files) under {quote(path)}; pass the folder of a run or a sweep")
         all_runs += found
@@ -82,6 +85,10 @@ def report(args: argparse.Namespace) -> Path:
     render.plot(card, out / "report.png")
     forests = write_forests(card, out)
     print(f"wrote {out}/report.md, report.csv, report.tex, report.png" + "".join(f", {p.name}" for p in forests))
+    if tuned:  # each arm's budget and expected-max curve, also appended to report.md
+        with open(out / "report.md", "a") as f:
+            f.write("\n" + tuning.write(tuned, out))
+        print(f"wrote {out}/expected_max.md, expected_max.csv, expected_max.png (tuning budget per arm)")
     if args.keep_records:
         print(f"kept the records of {keep_records(runs, out / 'runs', args.label_by)} runs in {out}/runs")
     return out
