@@ -77,6 +77,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     from robustft import distributed
     from robustft.errors import Interrupted, Signalled
     from robustft.launch import rank_logging
+    from robustft.loggers.base import run_meta
     from robustft.progress import bars_closed
     from robustft.rundir import RunDir, lifecycle, write_error
     from robustft.runner import fit
@@ -106,6 +107,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         try:
             # run_info status: completed | failed | interrupted; a bar still drawn is stopped (cursor back)
             # before any message below
+            run_dir.attach_trackers(cfg, run_meta(cfg, run_dir.path, hydra_cfg))  # logger=[...], rank 0
             with bars_closed(), lifecycle(run_dir, cfg):
                 metrics = fit(cfg, run_dir)
         except Signalled:

@@ -102,3 +102,6 @@ def validate(cfg: DictConfig) -> None:
                         "or resume=never (start fresh)")
     validate_trainer(cfg.trainer)
     validate_stress(cfg.get("stress"))
+    from robustft.loggers import base as loggers  # finds the tracker libraries, imports none
+
+    loggers.check(cfg.get("logger"))
