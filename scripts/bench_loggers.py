@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Does `logger=[...]` slow training? The same robustft run with and without trackers, ratios from one run.
+
+Each arm is the console script (`python -m robustft`) on the same model, data slice, seed and trainer, with
+`trainer.log_every=1` (a metrics.jsonl row at every step: the most a tracker is ever sent) and no checkpoints;
+only `logger` differs (default arms: none, and `tensorboard,mlflow` with MLflow's default local SQLite store).
+Two figures per arm, medians over `--repeats` interleaved rounds (A B, B A, ...) so drifting machine load hits
+every arm alike:
+
+- train examples/s: metrics.json's `train/examples_per_s`, the loop's own timer over every optimizer step,
+  which includes handing each row to RunDir and so to the trackers (they batch rows, see robustft/loggers/base.py);
+- wall s: the whole command, also the trackers' start (MLflow creates its store) and end.
+
+    python scripts/bench_loggers.py                      # minilm, SST-2, 512 examples, batch 32, 3 rounds
+    python scripts/bench_loggers.py --arms none tensorboard,mlflow,wandb --model tiny_random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_arm(arm: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+    """(train examples/s, wall s) of one run of `arm` into `out`."""
+    loggers = "[]" if arm == "none" else f"[{arm}]"
+    cmd = [sys.executable, "-m", "robustft", f"model={args.model}", "task=sst2",
+           f"task.max_train_samples={args.train_examples}", "task.max_eval_samples=64", "trainer.epochs=1",
+           f"trainer.batch_size={args.batch_size}", "trainer.log_every=1", "trainer.eval_every=epoch",
+           "trainer.save_checkpoints=false", "trainer.precision=fp32", f"logger={loggers}", f"hydra.run.dir={out}"]
+    if args.data_dir:
+        cmd.append(f"data_dir={args.data_dir}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
+    return float(json.loads((out / "metrics.json").read_text())["train/examples_per_s"]), wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", nargs="+", default=["none", "tensorboard,mlflow"])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-examples", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=os.environ.get("ROBUSTFT_DATA_DIR"))
+    args = p.parse_args()
+    results: dict[str, list[tuple[float, float]]] = {a: [] for a in args.arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for arm in args.arms if r % 2 == 0 else args.arms[::-1]:
+                results[arm].append(run_arm(arm, args, Path(tmp) / f"{arm.replace(',', '+')}-{r}"))
+                print(f"round {r + 1}: {arm}: {results[arm][-1][0]:.1f} ex/s, {results[arm][-1][1]:.1f} s", flush=True)
+    base_ex = statistics.median(x for x, _ in results[args.arms[0]])
+    base_wall = statistics.median(w for _, w in results[args.arms[0]])
+    print(f"\n{args.model}, SST-2 {args.train_examples} examples, batch {args.batch_size}, log_every=1, "
+          f"{args.threads} thread(s), median of {args.repeats}")
+    print(f"{'logger':<28} {'train ex/s':>10} {'÷ ' + args.arms[0]:>10} {'wall s':>8} {'÷ ' + args.arms[0]:>10}")
+    for arm, got in results.items():
+        ex, wall = statistics.median(x for x, _ in got), statistics.median(w for _, w in got)
+        print(f"{arm:<28} {ex:>10.1f} {ex / base_ex:>10.3f} {wall:>8.1f} {wall / base_wall:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
