@@ -9,7 +9,8 @@ every arm alike:
 
 - train examples/s: metrics.json's `train/examples_per_s`, the loop's own timer over every optimizer step,
   which includes handing each row to RunDir and so to the trackers (they batch rows, see robustft/loggers/base.py);
-- wall s: the whole command, also the trackers' start (MLflow creates its store) and end.
+- wall s: the whole command, also the trackers' start (imports; MLflow creates its store) and end;
+- CPU s: the CPU time of the whole command (user + system), the figure least moved by other jobs' load.
 
     python scripts/bench_loggers.py                      # minilm, SST-2, 512 examples, batch 32, 3 rounds
     python scripts/bench_loggers.py --arms none tensorboard,mlflow,wandb --model tiny_random
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,8 +30,8 @@ import time
 from pathlib import Path
 
 
-def run_arm(arm: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
-    """(train examples/s, wall s) of one run of `arm` into `out`."""
+def run_arm(arm: str, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
+    """(train examples/s, wall s, CPU s) of one run of `arm` into `out`."""
     loggers = "[]" if arm == "none" else f"[{arm}]"
     cmd = [sys.executable, "-m", "robustft", f"model={args.model}", "task=sst2",
            f"task.max_train_samples={args.train_examples}", "task.max_eval_samples=64", "trainer.epochs=1",
@@ -38,12 +40,13 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> tuple[float, float
     if args.data_dir:
         cmd.append(f"data_dir={args.data_dir}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-    return float(json.loads((out / "metrics.json").read_text())["train/examples_per_s"]), wall
+    return float(json.loads((out / "metrics.json").read_text())["train/examples_per_s"]), wall, cpu
 
 
 def main() -> None:
@@ -56,21 +59,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("ROBUSTFT_DATA_DIR"))
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {a: [] for a in args.arms}
+    results: dict[str, list[tuple[float, float, float]]] = {a: [] for a in args.arms}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for arm in args.arms if r % 2 == 0 else args.arms[::-1]:
-                results[arm].append(run_arm(arm, args, Path(tmp) / f"{arm.replace(',', '+')}-{r}"))
-                print(f"round {r + 1}: {arm}: {results[arm][-1][0]:.1f} ex/s, {results[arm][-1][1]:.1f} s", flush=True)
-    base_ex = statistics.median(x for x, _ in results[args.arms[0]])
-    base_wall = statistics.median(w for _, w in results[args.arms[0]])
+                got = run_arm(arm, args, Path(tmp) / f"{arm.replace(',', '+')}-{r}")
+                results[arm].append(got)
+                print(f"round {r + 1}: {arm}: {got[0]:.1f} ex/s, {got[1]:.1f} s wall, {got[2]:.1f} s CPU", flush=True)
+    med = {arm: [statistics.median(x[i] for x in got) for i in range(3)] for arm, got in results.items()}
+    base = med[args.arms[0]]
     print(f"\n{args.model}, SST-2 {args.train_examples} examples, batch {args.batch_size}, log_every=1, "
-          f"{args.threads} thread(s), median of {args.repeats}")
-    print(f"{'logger':<28} {'train ex/s':>10} {'÷ ' + args.arms[0]:>10} {'wall s':>8} {'÷ ' + args.arms[0]:>10}")
-    for arm, got in results.items():
-        ex, wall = statistics.median(x for x, _ in got), statistics.median(w for _, w in got)
-        print(f"{arm:<28} {ex:>10.1f} {ex / base_ex:>10.3f} {wall:>8.1f} {wall / base_wall:>10.3f}")
-
+          f"{args.threads} thread(s), median of {args.repeats}, load average {os.getloadavg()[0]:.1f} at the end")
+    vs = "÷ " + args.arms[0]
+    print(f"{'logger':<28} {'train ex/s':>10} {vs:>8} {'wall s':>8} {vs:>8} {'CPU s':>8} {vs:>8}")
+    for arm, (ex, wall, cpu) in med.items():
+        print(f"{arm:<28} {ex:>10.1f} {ex / base[0]:>8.3f} {wall:>8.1f} {wall / base[1]:>8.3f} {cpu:>8.1f} "
+              f"{cpu / base[2]:>8.3f}")
 
 if __name__ == "__main__":
     main()
