@@ -47,7 +47,6 @@ class TensorBoardTracker(Tracker):
                    for k, v in self.meta.params.items()}
         hparams = {k: ("null" if v is None else v) for k, v in hparams.items()}
         # run_name=".": the HParams summary goes into this run's own folder, not a timestamped sub-folder
-        self.writer.add_hparams(hparams, {f"final/{k}": v for k, v in self.final.items()} or {"final/none": 0.0},
-                                run_name=".")
+        self.writer.add_hparams(hparams, {f"final/{k}": v for k, v in self.final.items()}, run_name=".")
         self.writer.add_text("run", "\n".join(f"- {k}: {v}" for k, v in tags.items()))
         self.writer.close()
