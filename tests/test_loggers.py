@@ -108,7 +108,7 @@ def test_trackers_skip_rows_they_have_and_back_fill_rows_a_killed_process_never_
     t.close("completed", {"git_sha": "abc"}, rows=6)  # row 5: written, not yet logged through log()
     assert [step for step, _ in rec.rows] == [3, 4, 5, 6]
     assert rec.rows[0][1] == {"train/loss": 3.0} and rec.closed == ["completed"]
-    assert saved[-1] == {"rows": 6, "r": {"id": "r1"}}
+    assert saved[-1] == {"rows": 6, "r": {"id": "r1"}, "run": {"name": "g/seed=1", "group": "g"}}
 
 
 def test_a_failing_tracker_is_dropped_with_a_warning_and_the_run_goes_on(tmp_path, caplog):
@@ -169,6 +169,7 @@ def test_interrupted_then_resumed_run_is_one_tracker_run_without_duplicate_steps
 
     (mrun,) = mlflow_runs(uri)  # one MLflow run: the resumed attempt reopened it
     assert mrun.info.run_id == first.info.run_id and mrun.info.status == "FINISHED"
+    assert mrun.data.tags["group"] == first.data.tags["group"] and mrun.info.run_name == first.info.run_name
     history = MlflowClient(tracking_uri=uri).get_metric_history(mrun.info.run_id, "train/loss")
     assert sorted((m.step, pytest.approx(m.value)) for m in history) == train
     assert mrun.data.metrics["final/validation/accuracy"] == pytest.approx(final["validation/accuracy"])

@@ -166,6 +166,10 @@ class Trackers:
 
     def open(self, folder_of: Callable[[str], Path]) -> None:
         """Start (or continue) every tracker run; a failure here is the run's failure (a wrong URI, ...)."""
+        # a resumed run keeps its first attempt's names, even if its command line differs (an added override)
+        first = self.state.setdefault("run", {"name": self.meta.name, "group": self.meta.group})
+        self.meta.name, self.meta.group = first["name"], first["group"]
+        self.meta.tags["group"] = first["group"]
         opened: dict[str, Tracker] = {}
         for name, tracker in self.trackers.items():
             try:
