@@ -10,7 +10,11 @@ every arm alike:
 - train examples/s: metrics.json's `train/examples_per_s`, the loop's own timer over every optimizer step,
   which includes handing each row to RunDir and so to the trackers (they batch rows, see robustft/loggers/base.py);
 - wall s: the whole command, also the trackers' start (imports; MLflow creates its store) and end;
-- CPU s: the CPU time of the whole command (user + system), the figure least moved by other jobs' load.
+- CPU s: the CPU time of the whole command (user + system), the figure least moved by other jobs' load;
+- tracker CPU ms per row: in this process, `--rows` metrics.jsonl-like rows pushed through the arm's trackers
+  (robustft.loggers.base.Trackers, the code RunDir calls), CPU time per row, and that as a share of one training
+  step of the `none` arm (batch size / its examples/s). With log_every=1 that share is the training slow-down.
+
 
     python scripts/bench_loggers.py                      # minilm, SST-2, 512 examples, batch 32, 3 rounds
     python scripts/bench_loggers.py --arms none tensorboard,mlflow,wandb --model tiny_random
@@ -49,6 +53,30 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> tuple[float, float
     return float(json.loads((out / "metrics.json").read_text())["train/examples_per_s"]), wall, cpu
 
 
+def row_cost(arm: str, rows: int, folder: Path) -> float:
+    """CPU ms per row of the trackers of `arm` (start and end not counted: they are per run, not per step)."""
+    from omegaconf import OmegaConf
+
+    from robustft.config import CONF_DIR
+    from robustft.loggers.base import RunMeta, Trackers, build
+
+    if arm == "none":
+        return 0.0
+    section = {k: OmegaConf.load(CONF_DIR / "logger" / f"{k}.yaml") for k in arm.split(",")}
+    meta = RunMeta("bench/seed=1", "bench", "bench", 1, folder, folder, {"trainer.lr": 1e-4})
+    trackers = Trackers(build(section), meta, {"rows": 0}, lambda a, b: [], lambda s: None)
+    trackers.open(lambda name: folder / name)
+    data = [{"step": i + 1, "epoch": 0, "split": "train", "loss": 0.5 + 1e-4 * i, "lr": 2e-5, "grad_norm": 1.5,
+             "examples_per_s": 100.0} for i in range(rows)]
+    c0 = time.process_time()
+    for i, row in enumerate(data):
+        trackers.log(row, i)
+    trackers.flush()
+    cpu = time.process_time() - c0
+    trackers.close("completed", {}, rows)
+    return 1000 * cpu / rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="+", default=["none", "tensorboard,mlflow"])
@@ -58,6 +86,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("ROBUSTFT_DATA_DIR"))
+    p.add_argument("--rows", type=int, default=2000, help="rows for the per-row tracker cost")
     args = p.parse_args()
     results: dict[str, list[tuple[float, float, float]]] = {a: [] for a in args.arms}
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,15 +95,20 @@ def main() -> None:
                 got = run_arm(arm, args, Path(tmp) / f"{arm.replace(',', '+')}-{r}")
                 results[arm].append(got)
                 print(f"round {r + 1}: {arm}: {got[0]:.1f} ex/s, {got[1]:.1f} s wall, {got[2]:.1f} s CPU", flush=True)
+        per_row = {arm: row_cost(arm, args.rows, Path(tmp) / f"rows-{arm.replace(',', '+')}") for arm in args.arms}
     med = {arm: [statistics.median(x[i] for x in got) for i in range(3)] for arm, got in results.items()}
     base = med[args.arms[0]]
+    step_ms = 1000 * args.batch_size / base[0]  # one training step of the first arm
     print(f"\n{args.model}, SST-2 {args.train_examples} examples, batch {args.batch_size}, log_every=1, "
           f"{args.threads} thread(s), median of {args.repeats}, load average {os.getloadavg()[0]:.1f} at the end")
     vs = "÷ " + args.arms[0]
-    print(f"{'logger':<28} {'train ex/s':>10} {vs:>8} {'wall s':>8} {vs:>8} {'CPU s':>8} {vs:>8}")
+    print(f"{'logger':<28} {'train ex/s':>10} {vs:>8} {'wall s':>8} {vs:>8} {'CPU s':>8} {vs:>8} "
+          f"{'ms/row':>8} {'of a step':>10}")
     for arm, (ex, wall, cpu) in med.items():
         print(f"{arm:<28} {ex:>10.1f} {ex / base[0]:>8.3f} {wall:>8.1f} {wall / base[1]:>8.3f} {cpu:>8.1f} "
-              f"{cpu / base[2]:>8.3f}")
+              f"{cpu / base[2]:>8.3f} {per_row[arm]:>8.3f} {per_row[arm] / step_ms:>10.2%}")
+    print(f"(a training step of {args.arms[0]}: {step_ms:.0f} ms; ms/row: tracker CPU per metrics.jsonl row, "
+          f"{args.rows} rows in this process)")
 
 if __name__ == "__main__":
     main()
