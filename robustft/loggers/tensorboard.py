@@ -37,6 +37,8 @@ class TensorBoardTracker(Tracker):
         for step, values in rows:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, global_step=step)
+        # on disk before RunDir counts the batch as sent (trackers.json): a kill loses no counted row
+        self.writer.flush()
 
     def log_final(self, metrics: dict[str, float]) -> None:
         self.final.update(metrics)
