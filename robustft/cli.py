@@ -114,6 +114,7 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
 
     from robustft import distributed, threads
     from robustft.errors import Interrupted, Signalled
+    from robustft.loggers.base import run_meta
     from robustft.progress import bars_closed
     from robustft.rundir import lifecycle, write_error
     from robustft.runner import fit
@@ -133,6 +134,7 @@ def run_job(cfg: DictConfig, run_dir: Any, sweep: bool, dir_key: str) -> dict[st
         try:
             # run_info status: completed | failed | interrupted; a bar still drawn is stopped (cursor back)
             # before any message below
+            run_dir.attach_trackers(cfg, run_meta(cfg, run_dir.path, hydra_cfg))  # logger=[...], rank 0
             with bars_closed(), lifecycle(run_dir, cfg):
                 metrics = fit(cfg, run_dir)
         except Signalled:

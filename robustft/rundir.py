@@ -150,6 +150,7 @@ class RunDir:
         self._t0 = time.time()
         log = self.path / "metrics.jsonl"
         self.log_rows = sum(1 for _ in open(log)) if log.is_file() else 0  # rows in metrics.jsonl
+        self.trackers: Any = None  # robustft.loggers.base.Trackers once attach_trackers found `logger=[...]`
 
     @contextlib.contextmanager
     def hold(self, dir_key: str) -> Iterator[None]:
@@ -208,6 +209,7 @@ class RunDir:
             **fields,
         )
         self.save_info()
+        self._open_trackers()
 
     def update(self, **fields: Any) -> None:
         self.info.update(fields)
@@ -220,6 +222,9 @@ class RunDir:
         if error:
             self.info["error"] = error
         self.save_info()
+        if self.trackers is not None:  # every tracker run ends with this status, also a failed or interrupted one
+            trackers, self.trackers = self.trackers, None
+            trackers.close(status, self.info, self.log_rows)
 
     def save_info(self) -> None:
         if self.writer:
@@ -230,6 +235,8 @@ class RunDir:
         if self.writer:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row, self.log_rows)
         self.log_rows += 1
 
     def truncate_log(self, rows: int) -> None:
@@ -245,6 +252,8 @@ class RunDir:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
         self.log_rows = len(kept)
+        if self.trackers is not None:
+            self.trackers.truncated(self.log_rows)
 
     def start_over(self) -> None:
         """Training starts from step 0 (resume=never, or no checkpoint yet): the curves, final metrics and
@@ -263,6 +272,43 @@ class RunDir:
         current = json.loads(path.read_text()) if path.is_file() else {}
         current.update(metrics)
         write_json(path, current)
+        if self.trackers is not None:
+            self.trackers.final(metrics)
+
+    # --- experiment trackers (robustft/loggers/): sinks this run directory fans its records out to -----
+    def attach_trackers(self, cfg: Any, meta: Any) -> None:
+        """Build the `logger=[...]` trackers (rank 0 only); `start` opens their runs, `finish` ends them.
+
+        RunDir owns them: it hands each its folder `<run dir>/<logger name>/` and keeps their resume state
+        (rows forwarded, tracker run ids) in trackers.json, so a resumed run continues the same tracker run.
+        """
+        if not self.writer or not cfg.get("logger"):
+            return
+        from robustft.loggers.base import Trackers, build
+
+        path = self.path / "trackers.json"
+        resume = cfg.get("resume") == "auto" and path.is_file()
+        # a new tracker run gets the rows already in metrics.jsonl (an earlier attempt's, when resume=auto), not
+        # those of a record resume=never starts over
+        state = json.loads(path.read_text()) if resume else {"rows": self.log_rows if cfg.get("resume") == "never" else 0}
+        self.trackers = Trackers(build(cfg.logger), meta, state, self._read_rows,
+                                 lambda s: write_json(path, s), fresh=not resume)
+
+    def _open_trackers(self) -> None:
+        if self.trackers is None:
+            return
+        try:
+            self.trackers.open(lambda name: self.path / name)
+        except BaseException:
+            self.trackers = None
+            raise
+
+    def _read_rows(self, start: int, end: int) -> list[dict[str, Any]]:
+        """metrics.jsonl rows [start, end): for a tracker that missed them (a killed process never sent them)."""
+        path = self.path / "metrics.jsonl"
+        if end <= start or not path.is_file():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines()[start:end]]
 
     # --- files handed over by the loop, methods, stresses and evaluators --------------------------------
     def save_checkpoint(self, name: str, model, tokenizer, state: dict[str, Any] | None) -> Path:

@@ -177,3 +177,6 @@ def validate(cfg: DictConfig) -> None:
     validate_task(cfg.get("task"))
     validate_stress(cfg.get("stress"))
     validate_selection(cfg.get("task"))
+    from robustft.loggers import base as loggers  # finds the tracker libraries, imports none
+
+    loggers.check(cfg.get("logger"))

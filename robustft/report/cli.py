@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-by", nargs="+", default=[], metavar="KEY",
                         help="config keys added to the row label, e.g. method.upper trainer.lr "
                              "(to separate runs of one method with different options)")
+    parser.add_argument("--to", choices=["mlflow", "wandb"], default=None,
+                        help="also push the report as one summary run to this tracker (robustft/loggers/report.py)")
+    parser.add_argument("--to-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="the tracker's option, e.g. tracking_uri=http://host:5000 or project=my-lab (repeatable)")
     return parser
 
 
@@ -174,9 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from robustft.report.collect import ReportError
 
     args = build_parser().parse_args(argv)
+    from robustft.errors import UserError
+
     try:
-        report(args)
-    except ReportError as e:
+        if args.to:  # a wrong option or a missing package: before any work
+            from robustft.loggers.report import check, push
+
+            check(args.to, args.to_option)
+        out = report(args)
+        if args.to:  # pushed after writing: the folder is the record either way
+            print(f"pushed to {push(out, args.to, args.to_option)}")
+    except (ReportError, UserError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,1 @@
+"""Experiment trackers for `logger=[...]`: see robustft/loggers/base.py and docs/trackers.md."""
