@@ -1,0 +1,111 @@
+"""Embedding-space defences of issue #29: method=pgd (PGD-K) and the FreeLB++ arm of method=freelb.
+
+PGD's parameter gradients against the FreeLB repository's `std_adv_train_step` written out on a tiny model,
+its delta in its ball, the loss it trains on, bad options; FreeLB++'s arm composing to TextDefender's values.
+Exact resume of every method YAML is tests/test_method_contract.py's; flops factors tests/test_flops_factor.py's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustft.errors import UserError
+from tests.conftest import make_cfg
+from tests.test_perturbation import grads_of, method
+from tests.tiny_models import one_thread, tiny_model  # noqa: F401  (one_thread: module fixture)
+from tests.weight_mixup_helpers import batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def official_pgd(model, b, steps, adv_lr, init_mag, max_norm):
+    """zhuchen03/FreeLB fairseq-RoBERTa sentence_prediction.py `std_adv_train_step` (l2), in plain torch.
+
+    Its dropout masks are drawn by the first forward and reused (`init_dp=False`): here torch's RNG is
+    replayed. The criterion's summed loss is a mean here (the loop's convention; the direction g / ||g|| and
+    fairseq's later division by the sample size make it the same update).
+    """
+    emb, m = model.get_input_embeddings(), b["attention_mask"].float()
+    embeds_init = emb(b["input_ids"])
+    delta = torch.zeros_like(embeds_init).uniform_(-1, 1) * m.unsqueeze(2)
+    delta = (delta * (init_mag / torch.sqrt(m.sum(1) * embeds_init.size(-1))).view(-1, 1, 1)).detach()
+    delta.requires_grad_()
+    rng = torch.get_rng_state()
+    logits = model(inputs_embeds=delta + embeds_init, attention_mask=b["attention_mask"]).logits
+    loss = F.cross_entropy(logits, b["labels"])
+    for _ in range(steps):
+        delta_grad = torch.autograd.grad(loss, delta)[0].detach()
+        denorm = torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1)
+        delta = (delta + adv_lr * delta_grad / denorm).detach()
+        if max_norm > 0:
+            delta_norm = torch.norm(delta.view(delta.size(0), -1).float(), p=2, dim=1).detach()
+            exceed_mask = (delta_norm > max_norm).float()
+            delta = delta * (max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1).detach()
+        delta.requires_grad_()
+        adv_embeds_init = emb(b["input_ids"])
+        torch.set_rng_state(rng)
+        logits = model(inputs_embeds=delta + adv_embeds_init, attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits, b["labels"])
+    loss.backward()
+    return grads_of(model), loss.detach(), delta.detach()
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_pgd_gradients_equal_the_official_std_adv_train_step(arch):
+    b = batch(4, 7, 2)
+    ref = tiny_model(arch, dropout=0.1)
+    torch.manual_seed(5)
+    expected, ref_loss, ref_delta = official_pgd(ref, b, 3, 0.1, 1.0, 0.6)
+    model = tiny_model(arch, dropout=0.1)
+    m = method("pgd", model, adv_steps=3)
+    torch.manual_seed(5)
+    out = m.training_step(model, b)
+    (out.loss / 2).backward()  # as the loop does with two micro-batches per optimizer step
+    got = grads_of(model)
+    assert got.keys() == expected.keys()
+    worst = max((2 * got[k] - expected[k]).abs().max().item() for k in got)
+    assert worst < 1e-6, worst
+    assert abs(out.loss.item() - ref_loss.item()) < 1e-6
+    assert (m.delta - ref_delta).abs().max().item() < 1e-6
+    # the word-embedding matrix trains through the final forward only, on the real tokens' rows
+    assert got["bert.embeddings.word_embeddings.weight" if arch == "bert" else
+               "roberta.embeddings.word_embeddings.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_pgd_delta_stays_in_its_ball_and_the_loss_is_the_adversarial_one(norm_type):
+    model = tiny_model("bert", dropout=0.0)
+    radius = 0.3
+    m = method("pgd", model, adv_steps=4, adv_lr=0.5, adv_init_mag=0.1, adv_max_norm=radius, norm_type=norm_type)
+    b = batch(4, 7, 1)
+    out = m.training_step(model, b)
+    flat = m.delta.flatten(1)
+    size = flat.norm(dim=1) if norm_type == "l2" else flat.abs().amax(1)
+    assert (size <= radius * (1 + 1e-5)).all() and size.max().item() > 0.99 * radius  # the ball binds
+    assert m.delta[0, -2:].eq(0).all()  # padding is never perturbed
+    with torch.no_grad():  # no dropout: the loss is the task loss at e + delta, and above the clean one
+        e = model.get_input_embeddings()(b["input_ids"])
+        adv = model(inputs_embeds=e + m.delta, attention_mask=b["attention_mask"]).logits
+        clean = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert math.isclose(out.loss.item(), F.cross_entropy(adv, b["labels"]).item(), rel_tol=1e-6)
+    assert out.loss.item() > F.cross_entropy(clean, b["labels"]).item()
+    logs = m.step_logs()
+    assert set(logs) == {"pgd/delta_norm", "pgd/adv_loss_gain"} and logs["pgd/adv_loss_gain"] > 0
+
+
+@pytest.mark.parametrize("bad", [{"adv_steps": 0}, {"norm_type": "inf"}, {"adv_lr": -1}, {"adv_max_norm": -0.1}])
+def test_pgd_bad_options_are_user_errors(bad):
+    with pytest.raises(UserError, match="method\\."):
+        method("pgd", **bad)
+
+
+def test_freelb_plus_plus_arm_is_freelb_with_textdefenders_setting():
+    cfg = make_cfg(["arm=freelb_plus_plus"])
+    assert cfg.method._target_ == "robustft.methods.freelb.FreeLB" and cfg.tag == "freelb_plus_plus"
+    assert (cfg.method.adv_steps, cfg.method.adv_lr, cfg.method.adv_init_mag, cfg.method.adv_max_norm) == (10, 0.03, 0.05, 0.0)
+    for arm, target in (("pgd", "robustft.methods.pgd.PGD"), ("freelb", "robustft.methods.freelb.FreeLB")):
+        assert make_cfg([f"arm={arm}"]).method._target_ == target
