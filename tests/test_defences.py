@@ -109,3 +109,81 @@ def test_freelb_plus_plus_arm_is_freelb_with_textdefenders_setting():
     assert (cfg.method.adv_steps, cfg.method.adv_lr, cfg.method.adv_init_mag, cfg.method.adv_max_norm) == (10, 0.03, 0.05, 0.0)
     for arm, target in (("pgd", "robustft.methods.pgd.PGD"), ("freelb", "robustft.methods.freelb.FreeLB")):
         assert make_cfg([f"arm={arm}"]).method._target_ == target
+
+
+# --- TAVAT ----------------------------------------------------------------------------------------------
+def official_tavat(model, b, vocab, steps, adv_lr, init_mag, max_norm):
+    """LinyangLee/Token-Aware-VAT token_vat.py's adversarial loop, in plain torch (mean loss, one GPU)."""
+    emb, input_ids = model.get_input_embeddings(), b["input_ids"]
+    input_ids_flat = input_ids.contiguous().view(-1)
+    embeds_init = emb(input_ids)
+    input_mask = b["attention_mask"].float()
+    input_lengths = torch.sum(input_mask, 1)
+    bs, seq_len = embeds_init.size(0), embeds_init.size(1)
+    mag = init_mag / torch.sqrt(input_lengths * embeds_init.size(-1))
+    delta_lb = torch.zeros_like(embeds_init).uniform_(-1, 1) * input_mask.unsqueeze(2)
+    delta_lb = (delta_lb * mag.view(-1, 1, 1)).detach()
+    delta_tok = torch.index_select(vocab, 0, input_ids_flat).view(bs, seq_len, -1).detach()
+    delta_tok = delta_tok / torch.norm(delta_tok.view(-1, delta_tok.size(-1))).view(-1, 1, 1)
+    tr_loss = 0.0
+    for astep in range(steps):
+        delta_lb.requires_grad_()
+        delta_tok.requires_grad_()
+        logits = model(inputs_embeds=embeds_init + delta_lb + delta_tok, attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits, b["labels"])
+        tr_loss += loss.item()
+        loss.backward(retain_graph=True)
+        if astep == steps - 1:
+            delta_tok = delta_tok.detach()
+            vocab = vocab.index_put_((input_ids_flat,), delta_tok.view(-1, delta_tok.size(-1)), True)
+            break
+        delta_lb_grad, delta_tok_grad = delta_lb.grad.clone().detach(), delta_tok.grad.clone().detach()
+        denorm_lb = torch.clamp(torch.norm(delta_lb_grad.view(bs, -1), dim=1).view(-1, 1, 1), min=1e-8)
+        denorm_tok = torch.clamp(torch.norm(delta_tok_grad, dim=-1), min=1e-8).view(bs, seq_len, 1)
+        delta_lb = (delta_lb + adv_lr * delta_lb_grad / denorm_lb).detach()
+        delta_tok = (delta_tok + adv_lr * delta_tok_grad / denorm_tok).detach()
+        delta_norm_tok = torch.norm(delta_tok, p=2, dim=-1).detach()
+        mean_norm_tok, _ = torch.max(delta_norm_tok, dim=-1, keepdim=True)
+        delta_tok = delta_tok * (delta_norm_tok / mean_norm_tok).view(bs, seq_len, 1)
+        total_delta = delta_tok + delta_lb
+        delta_norm = torch.norm(total_delta.view(bs, -1).float(), p=2, dim=1).detach()
+        exceed_mask = (delta_norm > max_norm).float()
+        reweights = (max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1)
+        delta_lb, delta_tok = (delta_lb * reweights).detach(), (delta_tok * reweights).detach()
+    return grads_of(model), tr_loss, vocab
+
+
+@pytest.mark.parametrize(("arch", "steps", "max_norm"), [("bert", 3, 0.3), ("roberta", 2, 0.5), ("bert", 1, 0.5)])
+def test_tavat_gradients_and_vocabulary_equal_the_official_loop(arch, steps, max_norm):
+    b = batch(4, 7, 2)
+    b["input_ids"][1, :3] = b["input_ids"][2, :3]  # repeated tokens: the vocabulary accumulates per occurrence
+    model = tiny_model(arch, dropout=0.1)
+    m = method("tavat", model, adv_steps=steps, adv_lr=0.3, adv_init_mag=0.2, adv_max_norm=max_norm)
+    vocab0 = m.vocab.clone()
+    torch.manual_seed(5)
+    out = m.training_step(model, b)
+    (out.loss / 2).backward()  # two micro-batches per optimizer step
+    got = grads_of(model)
+    ref = tiny_model(arch, dropout=0.1)
+    torch.manual_seed(5)  # the same dropout masks: both draw delta_lb, then one mask set per forward
+    expected, loss, vocab = official_tavat(ref, b, vocab0.clone(), steps, 0.3, 0.2, max_norm)
+    assert got.keys() == expected.keys()
+    worst = max((2 * got[k] - expected[k]).abs().max().item() for k in got)
+    assert worst < 1e-6, worst
+    assert abs(out.loss.item() - loss) < 1e-5
+    assert (m.vocab - vocab).abs().max().item() < 1e-6 and not torch.equal(m.vocab, vocab0)
+    size = m.delta.flatten(1).norm(dim=1)
+    assert steps == 1 or (size <= max_norm * (1 + 1e-5)).all()
+
+
+def test_tavat_vocabulary_is_resume_state_and_the_method_refuses_data_parallel(monkeypatch):
+    model = tiny_model("bert")
+    m = method("tavat", model)
+    m.training_step(model, batch(4, 7, 0))
+    fresh = method("tavat", tiny_model("bert"))
+    assert not torch.equal(fresh.vocab, m.vocab)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.vocab, m.vocab)
+    monkeypatch.setattr("robustft.distributed.world_size", lambda: 2)
+    with pytest.raises(UserError, match="method=tavat .* one process only"):
+        method("tavat", tiny_model("bert"))

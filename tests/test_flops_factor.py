@@ -31,6 +31,7 @@ EXPECTED = [
     (["arm=freelb_plus_plus"], 10.0),                                # FreeLB++: K=10
     (["method=pgd"], 1 + 4 / 3),                                     # K=2 ascent (fwd + input grad), adv pass
     (["method=pgd", "method.adv_steps=5"], 1 + 10 / 3),
+    (["method=tavat"], 2.0),                                         # K=2 forward + backward passes
     (["method=lora"], 2 / 3),                                        # no weight gradients for frozen weights
     (["method=rose", "method.variant=first"], 10 / 3),
     (["method=rose", "method.variant=second"], 1.0),
