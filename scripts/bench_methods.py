@@ -55,6 +55,7 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "freelb_plus_plus": (["arm=freelb_plus_plus"], None),  # K=10; flops_factor 10
     "pgd": (["method=pgd"], None),  # K=2; flops_factor 7/3
     "tavat": (["method=tavat"], None),  # K=2; flops_factor 2
+    "infobert": (["method=infobert"], None),  # K=3; flops_factor 4
     "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
     "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
     "r_drop": (["method=r_drop"], 2.05),

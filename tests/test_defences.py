@@ -7,13 +7,18 @@ Exact resume of every method YAML is tests/test_method_contract.py's; flops fact
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from sklearn.utils import shuffle as sklearn_shuffle
 
 from robustft.errors import UserError
+from robustft.methods.infobert import robust_features
 from tests.conftest import make_cfg
 from tests.test_perturbation import grads_of, method
 from tests.tiny_models import one_thread, tiny_model  # noqa: F401  (one_thread: module fixture)
@@ -187,3 +192,106 @@ def test_tavat_vocabulary_is_resume_state_and_the_method_refuses_data_parallel(m
     monkeypatch.setattr("robustft.distributed.world_size", lambda: 2)
     with pytest.raises(UserError, match="method=tavat .* one process only"):
         method("tavat", tiny_model("bert"))
+
+
+# --- InfoBERT -------------------------------------------------------------------------------------------
+def official_infonce(critic, x_samples, y_samples):
+    """AI-secure/InfoBERT MI_estimators.py InfoNCE.forward (its unused random_index left out)."""
+    sample_size = y_samples.shape[0]
+    x_tile = x_samples.unsqueeze(0).repeat((sample_size, 1, 1))
+    y_tile = y_samples.unsqueeze(1).repeat((1, sample_size, 1))
+    t0 = critic.F_func(torch.cat([x_samples, y_samples], dim=-1))
+    t1 = critic.F_func(torch.cat([x_tile, y_tile], dim=-1))
+    return t0.mean() - (t1.logsumexp(dim=1).mean() - np.log(sample_size))
+
+
+def official_infobert(model, critic, b, gen, k, adv_lr, init_mag, alpha, beta, cl, ch, chunk, seed):
+    """local_robust_trainer.py `_adv_training_step` (l2, version 6), in plain torch; its global torch.randint
+    draws from `gen` here, and torch's RNG is replayed where its clear_mask keeps the dropout masks."""
+    emb, mask = model.get_input_embeddings(), b["attention_mask"]
+    embeds_init = emb(b["input_ids"])
+    input_mask = mask.float()
+    lengths = input_mask.sum(1).long().tolist()
+    delta = torch.zeros_like(embeds_init).uniform_(-1, 1) * input_mask.unsqueeze(2)
+    delta = (delta * (init_mag / torch.sqrt(input_mask.sum(1) * embeds_init.size(-1))).view(-1, 1, 1)).detach()
+    rng = torch.get_rng_state()
+    for astep in range(k):
+        torch.set_rng_state(rng)
+        delta.requires_grad_()
+        outputs = model(inputs_embeds=delta + embeds_init, attention_mask=mask, output_hidden_states=True)
+        loss = F.cross_entropy(outputs.logits, b["labels"]) / k
+        hs0, last = outputs.hidden_states[0], outputs.hidden_states[-1]
+        y = torch.cat([hs0[i, :n] for i, n in enumerate(lengths)])  # CLUBv2 version 3
+        random_index = torch.randint(y.shape[0], (y.shape[0],), generator=gen).long()
+        loss = loss + ((y - y[random_index]) ** 2 / 2.0).sum(-1).mean() * beta / k
+        loss.backward(retain_graph=True)
+        delta_grad = delta.grad.clone().detach()
+        local, glob = [], []
+        for i, n in enumerate(lengths):  # feature_ranking
+            _, ind = torch.sort(torch.norm(delta_grad[i, :n], dim=1), stable=True)
+            for r in range(math.ceil(n * cl), math.ceil(n * ch)):
+                local.append(hs0[i, ind[r].item()])
+                glob.append(last[i, 0])
+        perm = np.arange(len(local))
+        np.random.RandomState(seed).shuffle(perm)  # sklearn.utils.shuffle(random_state=seed)
+        local, glob = [local[j] for j in perm], [glob[j] for j in perm]
+        bounds = [official_infonce(critic, torch.stack(local[i:i + chunk]), torch.stack(glob[i:i + chunk]))
+                  for i in range(0, len(local), chunk)]
+        (-torch.stack(bounds).mean() * alpha / k).backward()
+        if astep == k - 1:
+            break
+        denorm = torch.clamp(torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1), min=1e-8)
+        delta = (delta + adv_lr * delta_grad / denorm).detach()
+        embeds_init = emb(b["input_ids"])
+    return {**grads_of(model), **{f"critic.{n}": p.grad.clone() for n, p in critic.named_parameters()}}
+
+
+def infobert_ctx(chunk: int):
+    from robustft.methods.base import TrainContext
+
+    trainer = OmegaConf.create({"log_every": 1, "save_every": 1000, "batch_size": chunk})
+    return TrainContext(task=OmegaConf.create({"is_regression": False}), trainer=trainer, device=torch.device("cpu"),
+                        seed=7)
+
+
+@pytest.mark.parametrize(("arch", "k"), [("bert", 3), ("roberta", 2)])
+def test_infobert_gradients_equal_the_official_adv_training_step(arch, k):
+    b = batch(4, 7, 4)
+    opts = {"adv_steps": k, "adv_lr": 0.3, "adv_init_mag": 0.5, "alpha": 0.5, "beta": 0.05}  # terms that matter
+    m = method("infobert", **opts)
+    model = tiny_model(arch, dropout=0.1)
+    m.setup(model, infobert_ctx(4))
+    critic = copy.deepcopy(m.critic)
+    torch.manual_seed(5)
+    out = m.training_step(model, b)
+    (out.loss / 2).backward()
+    got = {**grads_of(model), **{f"critic.{n}": p.grad.clone() for n, p in m.critic.named_parameters()}}
+    ref = tiny_model(arch, dropout=0.1)
+    torch.manual_seed(5)
+    expected = official_infobert(ref, critic, b, torch.Generator().manual_seed(7), k, 0.3, 0.5, 0.5, 0.05, 0.5, 0.9, 4, 7)
+    assert got.keys() == expected.keys()
+    worst = max((2 * got[key] - expected[key]).abs().max().item() for key in got)
+    assert worst < 1e-6, worst
+    assert all(expected[key].abs().sum() > 0 for key in expected if key.startswith("critic."))  # the bound trains it
+    logs = m.step_logs()
+    assert logs["infobert/upper_bound"] > 0 and set(logs) == set(m.log_names)
+
+
+def test_infobert_feature_choice_permutation_and_resume_state():
+    grad = torch.tensor([[[3.0], [1.0], [2.0], [5.0], [4.0], [9.0]]]).expand(2, -1, -1).clone()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    example, pos = robust_features(grad, mask, 0.5, 0.9)
+    # n=5: ranks ceil(2.5)=3, 4 of the sorted norms (1, 2, 3, 4, 5) -> positions 4, 3; n=6: ranks 3, 4, 5 -> 4, 3, 5
+    assert example.tolist() == [0, 0, 1, 1, 1] and pos.tolist() == [4, 3, 4, 3, 5]
+    perm = np.arange(11)
+    np.random.RandomState(7).shuffle(perm)  # what the reference above does
+    assert sklearn_shuffle(np.arange(11), random_state=7).tolist() == perm.tolist()
+    m = method("infobert")
+    model = tiny_model("bert")
+    m.setup(model, infobert_ctx(4))
+    m.training_step(model, batch(4, 7, 0))
+    fresh = method("infobert")
+    fresh.setup(tiny_model("bert"), infobert_ctx(4))
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.gen.get_state(), m.gen.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.critic.parameters(), m.critic.parameters()))

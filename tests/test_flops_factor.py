@@ -32,6 +32,7 @@ EXPECTED = [
     (["method=pgd"], 1 + 4 / 3),                                     # K=2 ascent (fwd + input grad), adv pass
     (["method=pgd", "method.adv_steps=5"], 1 + 10 / 3),
     (["method=tavat"], 2.0),                                         # K=2 forward + backward passes
+    (["method=infobert"], 4.0),                                      # K=3 x (fwd, ascent input grad, full bwd)
     (["method=lora"], 2 / 3),                                        # no weight gradients for frozen weights
     (["method=rose", "method.variant=first"], 10 / 3),
     (["method=rose", "method.variant=second"], 1.0),
