@@ -97,6 +97,7 @@ class InfoBERT(PerturbationMethod):
         self.alpha, self.beta, self.cl, self.ch = float(alpha), float(beta), float(cl), float(ch)
         self.critic: InfoNCE | None = None
         self.gen: torch.Generator | None = None  # the CLUB sample indices
+        self.chunk = 0  # pairs per InfoNCE chunk: trainer.batch_size (set up with the run)
         self.params: list[nn.Parameter] | None = None
         self.delta: torch.Tensor | None = None
 
