@@ -20,8 +20,9 @@ the forward at e + delta (h_0 = the embedding layer's output, `hidden_states[0]`
 The ascent uses the gradient of the first part only (the official clones delta.grad before the lower bound's
 backward). All forwards of a step share their dropout masks (the official `clear_mask` around the loop).
 
-Departures: the random indices r(n) come from a generator of the method's own (seeded with the run seed,
-saved for resume), not the global CPU stream; the critic starts from torch's initialisation under the run
+Departures: the random indices r(n) come from a generator seeded by (run seed, micro-batch count, rank)
+(`club_generator`), not the global CPU stream, so a resume, on every rank, draws what the uninterrupted run
+draws; the critic starts from torch's initialisation under the run
 seed. The loss handed to the loop is the official total (task + upper - alpha lower), so `train/loss` is not the
 plain cross-entropy. Choosing the features needs the ranks on the host: one device sync per ascent step (the
 official's Python loop has several). Data parallel: the critic's gradients are averaged over the ranks
@@ -77,6 +78,12 @@ def robust_features(grad: torch.Tensor, mask: torch.Tensor, cl: float, ch: float
     return example, order[example, r]
 
 
+def club_generator(seed: int, call: int, rank: int) -> torch.Generator:
+    """The CPU generator of the CLUB sample indices of micro-batch `call` on `rank`."""
+    state = np.random.SeedSequence([int(seed), int(call), int(rank)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)  # manual_seed takes a signed 64-bit value
+
+
 class InfoBERT(PerturbationMethod):
     """FreeLB-style adversarial training with InfoBERT's information-bottleneck and anchored-feature terms."""
 
@@ -96,7 +103,8 @@ class InfoBERT(PerturbationMethod):
         self.adv_max_norm, self.norm_type = float(adv_max_norm), norm_type
         self.alpha, self.beta, self.cl, self.ch = float(alpha), float(beta), float(cl), float(ch)
         self.critic: InfoNCE | None = None
-        self.gen: torch.Generator | None = None  # the CLUB sample indices
+        self.gen: torch.Generator | None = None  # the CLUB sample indices of the current micro-batch
+        self.calls = 0  # micro-batches trained so far (resume state): seeds `gen`
         self.chunk = 0  # pairs per InfoNCE chunk: trainer.batch_size (set up with the run)
         self.params: list[nn.Parameter] | None = None
         self.delta: torch.Tensor | None = None
@@ -106,7 +114,6 @@ class InfoBERT(PerturbationMethod):
         with torch.random.fork_rng(devices=[]):  # the critic's initialisation leaves the run's CPU stream alone
             torch.manual_seed(int(ctx.seed))
             self.critic = InfoNCE(model.get_input_embeddings().embedding_dim).to(ctx.device)
-        self.gen = torch.Generator().manual_seed(int(ctx.seed))
         self.chunk = int(ctx.trainer.batch_size)  # the official cuts the pairs by the train batch size
         return model
 
@@ -148,6 +155,8 @@ class InfoBERT(PerturbationMethod):
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         if self.params is None:
             self.params = [p for p in model.parameters() if p.requires_grad] + list(self.critic.parameters())
+        self.gen = club_generator(self.ctx.seed, self.calls, distributed.rank())
+        self.calls += 1
         with torch.no_grad():
             embeds = word_embeddings(model, batch)
         delta = init_delta(embeds, batch["attention_mask"], self.adv_init_mag, self.norm_type)
@@ -188,12 +197,11 @@ class InfoBERT(PerturbationMethod):
 
     def state_dict(self) -> dict[str, Any]:
         critic = {f"critic.{k}": v for k, v in self.critic.state_dict().items()}
-        return {**super().state_dict(), **critic, "mi_rng": self.gen.get_state()}
+        return {**super().state_dict(), **critic, "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         critic = {k.removeprefix("critic."): v for k, v in state.items() if k.startswith("critic.")}
         if critic:
             self.critic.load_state_dict(critic)  # in place: the optimizer keeps its references
-        if state.get("mi_rng") is not None:
-            self.gen.set_state(state["mi_rng"].cpu())
+        self.calls = int(state.get("calls", 0))
