@@ -22,9 +22,8 @@ backward). All forwards of a step share their dropout masks (the official `clear
 
 Departures: the random indices r(n) come from a generator seeded by (run seed, micro-batch count, rank)
 (`club_generator`), not the global CPU stream, so a resume, on every rank, draws what the uninterrupted run
-draws; the critic starts from torch's initialisation under the run
-seed. The loss handed to the loop is the official total (task + upper - alpha lower), so `train/loss` is not the
-plain cross-entropy. Choosing the features needs the ranks on the host: one device sync per ascent step (the
+draws; the critic starts from torch's initialisation under the run seed. The loss handed to the loop is the
+official total (task + upper - alpha lower), so `train/loss` is not the plain cross-entropy. Choosing the features needs the ranks on the host: one device sync per ascent step (the
 official's Python loop has several). Data parallel: the critic's gradients are averaged over the ranks
 before its update (the critic is not part of the DDP-wrapped model).
 """
@@ -47,12 +46,16 @@ from robustft.methods.freelb import EXAMPLE, NORM_TYPES, _WithGrads, ascent_upda
 from robustft.methods.perturb import PerturbationMethod, check_nonnegative, norm, word_embeddings
 
 
+CRITIC_WIDTH = 300  # the official InfoNCE's `self.lower_size` (fixed there, not an option)
+
+
 class InfoNCE(nn.Module):
     """The official lower-bound critic T(x, y) = Softplus(W2 ReLU(W1 [x; y])) and its InfoNCE bound."""
 
-    def __init__(self, hidden: int, lower_size: int = 300) -> None:  # 300: the official `self.lower_size`
+    def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.F_func = nn.Sequential(nn.Linear(2 * hidden, lower_size), nn.ReLU(), nn.Linear(lower_size, 1), nn.Softplus())
+        self.F_func = nn.Sequential(nn.Linear(2 * hidden, CRITIC_WIDTH), nn.ReLU(), nn.Linear(CRITIC_WIDTH, 1),
+                                    nn.Softplus())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = y.shape[0]
