@@ -45,7 +45,6 @@ from robustft.methods.base import StepOutput, TrainContext, adamw, decay_groups,
 from robustft.methods.freelb import EXAMPLE, NORM_TYPES, _WithGrads, ascent_update, init_delta
 from robustft.methods.perturb import PerturbationMethod, check_nonnegative, norm, word_embeddings
 
-
 CRITIC_WIDTH = 300  # the official InfoNCE's `self.lower_size` (fixed there, not an option)
 
 
@@ -141,7 +140,8 @@ class InfoBERT(PerturbationMethod):
         return torch.stack(bounds).mean()
 
     def step_losses(self, model: nn.Module, batch: dict[str, torch.Tensor], delta: torch.Tensor):
-        """(task + upper) / K, -alpha * lower / K and the ascent gradient at e + delta."""
+        """The step loss [CE + beta IB_upper] / K - alpha InfoNCE / K at e + delta, its logits, the ascent
+        gradient (of the bracket only) and the two weighted terms (detached, for the logs)."""
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "input_ids"}
         mask = batch["attention_mask"]
         out = model(inputs_embeds=word_embeddings(model, batch) + delta, output_hidden_states=True, **inputs)
@@ -191,10 +191,13 @@ class InfoBERT(PerturbationMethod):
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, float]:
         if distributed.world_size() > 1:  # DDP averages the model's gradients, not the critic's
-            grads = [p.grad for p in self.critic.parameters() if p.grad is not None]
-            if grads:
-                flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / distributed.world_size()
-                torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            params = list(self.critic.parameters())
+            for p in params:  # a rank without pairs has no critic gradient: every rank sends the same tensors
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / distributed.world_size()
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         optimizer.step()
         return self.step_logs()
 
