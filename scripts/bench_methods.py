@@ -52,6 +52,10 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "r4f": (["method=r4f"], 2.1),
     "smart": (["method=smart"], 3.2),  # k=1
     "freelb": (["method=freelb", "method.adv_steps=3"], 3.2),  # K=3 (the YAML's SST-2 default is 2)
+    "freelb_plus_plus": (["arm=freelb_plus_plus"], None),  # K=10; flops_factor 10
+    "pgd": (["method=pgd"], None),  # K=2; flops_factor 7/3
+    "tavat": (["method=tavat"], None),  # K=2; flops_factor 2
+    "infobert": (["method=infobert"], None),  # K=3; flops_factor 4
     "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
     "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
     "r_drop": (["method=r_drop"], 2.05),

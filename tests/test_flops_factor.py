@@ -28,6 +28,11 @@ EXPECTED = [
     (["method=smart", "method.k=2", "method.mu=1"], 1 + 4 / 3 + 1 + 1 / 3),  # + EMA forward
     (["method=smart", "method.alpha=0", "method.mu=0"], 1.0),
     (["method=freelb", "method.adv_steps=3"], 3.0),
+    (["arm=freelb_plus_plus"], 10.0),                                # FreeLB++: K=10
+    (["method=pgd"], 1 + 4 / 3),                                     # K=2 ascent (fwd + input grad), adv pass
+    (["method=pgd", "method.adv_steps=5"], 1 + 10 / 3),
+    (["method=tavat"], 2.0),                                         # K=2 forward + backward passes
+    (["method=infobert"], 4.0),                                      # K=3 x (fwd, ascent input grad, full bwd)
     (["method=lora"], 2 / 3),                                        # no weight gradients for frozen weights
     (["method=rose", "method.variant=first"], 10 / 3),
     (["method=rose", "method.variant=second"], 1.0),

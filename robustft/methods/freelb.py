@@ -10,8 +10,15 @@ them (a "free" large batch of K adversarial copies):
 norms per example (over tokens x hidden), l2 (official default) or linf. delta_0 is zero on padding and
 uniform elsewhere: l2: U(-1, 1) * adv_init_mag / sqrt(L_i * d) (L_i real tokens of example i, d hidden size);
 linf: U(-adv_init_mag, adv_init_mag); adv_init_mag = 0: delta_0 = 0. adv_max_norm = 0: no projection. The K
-forwards use the same dropout masks (the official passes `dp_masks` from step to step; here torch's RNG
-state is replayed), and each recomputes e so the word-embedding matrix gets its gradient from every step.
+forwards use the same dropout masks, all of them (here torch's RNG state is replayed), and each recomputes e
+so the word-embedding matrix gets its gradient from every step.
+
+Dropout masks in the two official implementations: fairseq-RoBERTa (`freelb_train_step`, `init_dp=False`
+after the first step unless `--no-sync-dp`) stores and reuses every mask, the embedding dropout's included:
+what this module does. The HF-ALBERT code (run_glue_freelb.py, modeling_albert.py), whose defaults the YAML
+takes, passes `dp_masks` for the encoder layers and the classifier only: `AlbertEmbeddings.dropout` is a
+plain nn.Dropout, so the embedding dropout is redrawn at every ascent step there. A departure from that code,
+documented rather than matched: matching it needs a second RNG stream inside the replayed forward.
 
 How the gradients end up the official ones: the loop back-propagates only what `training_step` returns, and
 scales it by 1 / (micro-batches in the optimizer step), which the method does not know. So the K - 1 first
@@ -21,7 +28,7 @@ hands `incoming gradient * buffer` to the parameters. The loop's backward thus a
 (sum_t grad L_t / K) / len(group) to .grad, exactly the official accumulation under any gradient
 accumulation. The returned value is the mean of the K losses (the official `tr_loss`).
 
-Departures: none in the update; the logits handed to the loop (training dynamics) are the first step's
+Departures: none in the update (the embedding-dropout mask above aside); the logits handed to the loop (training dynamics) are the first step's
 (e + delta_0). Option names are the official flags (`--adv-lr` -> adv_lr, ...).
 """
 

@@ -11,11 +11,15 @@ training mode (independent dropout masks).
 
 R4F = R3F with spectral normalisation of the classification head (`spectral_norm=output`: the Linear that
 produces the logits, as the official `--spectral-norm-classification-head` wraps `out_proj`;
-`spectral_norm=head` also normalises the head's hidden x hidden dense layer). It uses torch's
-`parametrizations.spectral_norm` (one power iteration per training forward, as the official
-`torch.nn.utils.spectral_norm`). Checkpoints stay loadable by plain Hugging Face code: the state dict also
-holds the normalised `weight` under its usual name (what the evaluation forward uses), beside the
-parametrisation's own entries (original weight, u, v) that a resume reads.
+`spectral_norm=head` also normalises the head's hidden x hidden dense layer). The normalisation is the
+official's `torch.nn.utils.spectral_norm` step for step (`LegacySpectralNorm`, registered as a torch
+parametrisation): u, v start as random unit vectors and every training forward runs one power iteration.
+torch's `parametrizations.spectral_norm` would differ in the first forwards: it runs 15 power iterations
+in its constructor and one in `register_parametrization`'s check (the official none, so its first sigma is a
+one-iteration estimate) and iterates u before v.
+Checkpoints stay loadable by plain Hugging Face code: the state dict also holds the normalised `weight` under
+its usual name (what the evaluation forward uses), beside the parametrisation's own entries (original
+weight, `_u`, `_v`, the names torch's parametrisation uses) that a resume reads.
 
 Departures: for regression (STS-B) the divergence is the squared difference of the two outputs (as SMART's
 official code); the official criterion adds no term for regression. The noise is drawn on the model's
@@ -26,8 +30,9 @@ device from torch's global generator (the official samples on the CPU), so a res
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
+from torch.nn.utils import parametrize
 
 from robustft.errors import UserError
 from robustft.methods.base import StepOutput, TrainContext, task_loss
@@ -54,6 +59,32 @@ def output_layer(model: nn.Module) -> nn.Linear:
     return layer
 
 
+class LegacySpectralNorm(nn.Module):
+    """W / sigma(W) exactly as `torch.nn.utils.spectral_norm` (the API fairseq's R4F uses), as a parametrisation.
+
+    Registration draws u ~ N(0, I), then v ~ N(0, I), both normalised, and runs no power iteration (torch's
+    `parametrizations.spectral_norm` runs 16 there). A training forward runs one iteration
+    v <- W^T u / ||W^T u||, u <- W v / ||W v|| in place (so DDP's buffer broadcast keeps it); an evaluation
+    forward uses the stored u, v. sigma = u^T W v.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = eps
+        h, w = weight.shape
+        with torch.no_grad():
+            self.register_buffer("_u", F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=eps))
+            self.register_buffer("_v", F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=eps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                F.normalize(torch.mv(weight.t(), self._u), dim=0, eps=self.eps, out=self._v)
+                F.normalize(torch.mv(weight, self._v), dim=0, eps=self.eps, out=self._u)
+        u, v = self._u.clone(), self._v.clone()  # the in-place update must not touch an earlier forward's graph
+        return weight / torch.dot(u, torch.mv(weight, v))
+
+
 def _plain_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict hook: add `weight` = W / sigma as the evaluation forward uses it (stored u, v; no power step)."""
     sn = module.parametrizations.weight[0]
@@ -75,7 +106,8 @@ def spectrally_normalise(model: nn.Module, which: str) -> list[nn.Linear]:
     if which == "head":
         layers.insert(0, match_head(model).dense)
     for layer in layers:
-        add_spectral_norm(layer)
+        # unsafe: the safe registration calls the parametrisation once to check it, a power iteration here
+        parametrize.register_parametrization(layer, "weight", LegacySpectralNorm(layer.weight), unsafe=True)
         layer.register_state_dict_post_hook(_plain_weight)
         layer.register_load_state_dict_pre_hook(_drop_plain_weight)
     return layers

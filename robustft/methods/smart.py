@@ -9,7 +9,10 @@ Smoothness-inducing adversarial regulariser: delta starts at N(0, noise_var^2) o
 
     g = grad_delta l_s(f(e), f(e + delta)),   delta <- Proj_{||.|| <= epsilon}(delta + step_size * g / ||g||)
 
-with the norm (inf or l2) taken per token, and l_s the symmetric KL with the clean prediction a constant.
+with the norm (inf or l2) taken per token, and l_s(p, q) = KL(p || q) + KL(q || p) the symmetric KL: as in
+the paper's Algorithm 1 (line 8), g is the gradient of the whole symmetric KL in the adversarial
+distribution q = p_adv, with the clean prediction p (parameters theta-bar) a constant. Both terms depend on
+q, so both give gradient (an earlier version detached each term's target and followed KL(p || q) only).
 The regulariser at the final delta is MT-DNN's `SymKlCriterion(clean, adversarial)`: KL(p_adv || p_clean)
 + KL(p_clean || p_adv), each term's target treated as a constant, batch mean, fp32 (MSE for regression).
 Every forward is in training mode (independent dropout masks); the adversarial forward back-propagates
@@ -25,7 +28,14 @@ Departures from the official code (all noted in conf/method/smart.yaml too):
   it normalises the perturbation to (about) unit norm per token and uses `adv_epsilon` only as a stabiliser;
   here is the paper's update: normalised gradient step, then projection onto the epsilon-ball (so epsilon is
   the perturbation radius, default the paper's 1e-5).
-- the official ascent maximises MT-DNN's `stable_kl` (a one-sided KL surrogate); here the symmetric KL.
+- the official ascent (mt_dnn/perturbation.py `SmartPerturbation.forward`) follows the gradient of
+  `stable_kl(adv_logits, logits.detach())` = 2 sum p_adv (logodds(p_adv) - logodds(p_clean)), the log-odds
+  detached: a one-sided surrogate whose gradient is that of neither KL term; here the paper's symmetric KL.
+- the paper normalises the ascent gradient per example (line 8's ||.||_inf over x-tilde); here per token,
+  as MT-DNN's default `--adv_norm_level 0`.
+- the paper's Algorithm 1 differentiates the final l_s through both distributions; here, as MT-DNN's
+  `SymKlCriterion`, each term's target is a constant (so the adversarial forward trains only through q in
+  KL(p || q) and the clean one only through p in KL(q || p)).
 - the official perturbs MT-DNN's embedding-layer output and feeds it back as `inputs_embeds` (so HF models
   add position/type embeddings and LayerNorm to it a second time); here the word embeddings, the input of the
   same forward as the clean one.
@@ -94,7 +104,9 @@ class Smart(PerturbationMethod):
         for _ in range(self.k):
             delta.requires_grad_()
             adv = embeds_forward(model, batch, fixed + delta)
-            (grad,) = torch.autograd.grad(divergence(adv, target, regression, detach_targets=True), delta)
+            # the paper's ascent: the gradient of the full symmetric KL in p_adv (target is already a constant).
+            # MT-DNN's code ascends its stable_kl surrogate instead (module docstring).
+            (grad,) = torch.autograd.grad(divergence(adv, target, regression), delta)
             delta = ascent_update(delta.detach(), grad, self.step_size, self.epsilon, self.norm_p)
         self.delta = delta.detach()
         adv = embeds_forward(model, batch, embeds + delta)
