@@ -147,3 +147,12 @@ def test_bench_ddp_textfooler_tiny(tmp_path):
     for arm in ("ddp_2x1", "single_1x2"):
         (run,) = res["textfooler"]["runs"][arm]
         assert run["metrics"]["n"] == 6 and run["examples_per_s"] > 0 and run["queries_per_s"] > 0
+
+
+def test_bench_checksums_tiny():
+    """scripts/bench_checksums.py end to end on the tiny model: a folder size and both ratios printed."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_checksums.py"), "--model", "tiny_random",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=180, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"checkpoints/last holds [\d.]+ MiB", proc.stdout), proc.stdout
+    assert len(re.findall(r"median [\d.]+ s, [\d.]+x the write", proc.stdout)) == 2, proc.stdout

@@ -170,7 +170,8 @@ def test_torchrun_makes_one_run_directory_written_by_rank_0_and_refuses_a_sweep(
     info = json.loads((run / "run_info.json").read_text())
     assert info["status"] == "completed" and info["world_size"] == 2
     assert {p.name for p in run.iterdir()} == {".hydra", "checkpoints", "logs", "metrics.json", "metrics.jsonl",
-                                               "predictions", "robustft.log", "run_info.json"}
+                                               "predictions", "robustft.log", "run_info.json", "run_config.yaml",
+                                               ".lock"}
     assert [p.name for p in (run / "logs").iterdir()] == ["rank1.log"]
     rank1 = (run / "logs" / "rank1.log").read_text().splitlines()
     assert rank1 and all(line.startswith("[rank1]") for line in rank1)
