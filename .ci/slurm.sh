@@ -29,8 +29,9 @@ install() {
 write_conf() {
   local host cpus mem
   host=$(hostname -s)
-  cpus=$(nproc)
-  # what slurmd measures, minus 5% (slurmd refuses a node that reports less memory than configured)
+  # what slurmd measures (not nproc, which follows OMP_NUM_THREADS); memory minus 5% (slurmd refuses a node
+  # that reports less than configured)
+  cpus=$(slurmd -C | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
   mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
   mem=$((mem * 95 / 100))
   if [ -f /etc/slurm/slurm.conf ] && ! grep -q "^$MARK" /etc/slurm/slurm.conf; then
@@ -58,8 +59,11 @@ SchedulerParameters=bf_interval=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 JobRequeue=1
-# seconds between SIGTERM and SIGKILL (scancel, requeue, preemption); the default 30 s would slow the tests
-KillWait=10
+# a requeued job may start again after cred_expire seconds (default 120: two idle minutes per requeue test)
+AuthInfo=cred_expire=10
+# seconds between SIGTERM and SIGKILL (scancel, requeue, preemption): Slurm's default. robustft exits well
+# before it; 10 s was too short on a machine loaded 10x (the interpreter's exit alone took 6 s there)
+KillWait=30
 MessageTimeout=10
 MinJobAge=300
 ReturnToService=2

@@ -174,8 +174,10 @@ def catch_sigterm() -> None:
     from robustft.errors import Signalled
 
     def on_signal(signum: int, _frame: Any) -> None:
+        Signalled.pending = signum
         raise Signalled(signum)
 
+    Signalled.pending = None  # this run's own signal only (tests run several in one process)
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

@@ -29,7 +29,13 @@ class Interrupted(Exception):
 
 class Signalled(Interrupted):
     """SIGTERM (preemption, scancel, requeue, torchrun stopping its job) or SIGINT (Ctrl-C): it reaches every rank
-    at about the same time. The training loop fills in `step` (where it stopped) on its way out."""
+    at about the same time. The training loop fills in `step` (where it stopped) on its way out.
+
+    `pending` keeps the signal once it has arrived: code that catches Exception (a logging handler, a library's
+    retry) could swallow the exception raised in the handler, and the loop raises it again at its next step.
+    """
+
+    pending: int | None = None
 
     def __init__(self, signum: int, step: int | None = None) -> None:
         super().__init__(signum, step)

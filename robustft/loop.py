@@ -320,6 +320,8 @@ class Loop:
             if row_due:
                 self.log_train(logs, grad_norm, bar)
             stop = self.maybe_evaluate_and_save(epoch_end)
+            if Signalled.pending is not None:  # the handler's exception was swallowed on its way (errors.Signalled)
+                raise Signalled(Signalled.pending)
         self.flush_loss()  # steps after the last row (early stop): their losses are checked too
         bar.close()
         self.restore_best()

@@ -25,6 +25,7 @@ def test_wheel_ships_configs_and_metric_modules(tmp_path):
         assert f"robustft/conf/{yaml.relative_to(CONF_DIR).as_posix()}" in names
     assert "robustft/metrics/accuracy/accuracy.py" in names
     assert "hydra_plugins/robustft_optuna_sweeper/optuna_sweeper.py" in names  # hydra/sweeper=optuna's class
+    assert "hydra_plugins/robustft_slurm/launcher.py" in names  # hydra/launcher=slurm's class (Hydra's namespace)
     assert (REPO / "conf").resolve() == CONF_DIR  # the top-level `conf` points at the packaged configs
 
 

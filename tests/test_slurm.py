@@ -8,6 +8,7 @@ task's pickle, then the same task runs again later), which must land in the same
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -324,3 +325,24 @@ def test_slurm_data_parallel_job_trains_and_requeues(tmp_path, tiny_overrides):
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def test_request_above_the_partition_names_its_limits(tmp_path, monkeypatch):
+    """The pre-flight's check against `sinfo` (a stand-in here): the smallest node of the default partition."""
+    from robustft.errors import UserError
+    from robustft.slurm import check_request
+
+    sinfo = tmp_path / "sinfo"
+    sinfo.write_text('#!/bin/bash\necho "cpu*|8|16000|(null)"\necho "cpu*|4|32000|(null)"\necho "gpu|32|512000|gpu:a100:4"\n')
+    sinfo.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fits = {"partition": None, "tasks_per_node": 1, "cpus_per_task": 4, "mem_gb": 15, "gpus_per_node": 0}
+    check_request(OmegaConf.create(fits))  # no error: 4 CPUs and 15 GB fit the smallest node
+    with pytest.raises(UserError, match=r"^hydra.launcher.cpus_per_task=4 x tasks_per_node=2 = 8 CPUs per node, but "
+                       r"the nodes of SLURM partition cpu have 4 CPUs \(sinfo\); use hydra.launcher.cpus_per_task=2 "):
+        check_request(OmegaConf.create({**fits, "tasks_per_node": 2}))
+    with pytest.raises(UserError, match=r"^hydra.launcher.mem_gb=16 per node, .* have 16000 MB \(sinfo\); use "
+                       r"hydra.launcher.mem_gb=15 "):
+        check_request(OmegaConf.create({**fits, "mem_gb": 16}))
+    with pytest.raises(UserError, match=r"^hydra.launcher.gpus_per_node=1 per node, .* cpu have 0 GPUs"):
+        check_request(OmegaConf.create({**fits, "gpus_per_node": 1}))

@@ -64,17 +64,27 @@ def runs(sweep: Path) -> dict[int, Path]:
 
 
 def sacct(job: str, timeout: float = 60) -> str:
-    """The job's allocation line once it has ended: `JobID|State|ExitCode|Elapsed` (what docs/slurm.md shows).
-    The driver returns as soon as the result file is there, a moment before Slurm's record says so."""
+    """The job's last allocation line once it has ended: `JobID|State|ExitCode|Elapsed`. The driver returns as
+    soon as the result file is there, a moment before Slurm's record says so. Prints every attempt's line
+    (`sacct -D`: a requeued job's earlier ones too), which docs/slurm.md quotes (pytest -s)."""
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State,ExitCode,Elapsed"],
+        out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", "JobID,State,ExitCode,Elapsed"],
                              capture_output=True, text=True, timeout=30).stdout
-        line = out.strip().splitlines()[-1] if out.strip() else ""
-        if line.split("|")[1:2] not in (["RUNNING"], ["COMPLETING"], ["PENDING"], []) or time.monotonic() > deadline:
-            print("sacct:", line)  # docs/slurm.md quotes these (pytest -s)
-            return line
+        lines = out.strip().splitlines()
+        last = lines[-1] if lines else ""
+        if last.split("|")[1:2] not in (["RUNNING"], ["COMPLETING"], ["PENDING"], []) or time.monotonic() > deadline:
+            print("sacct:", " / ".join(lines))
+            return last
         time.sleep(0.5)
+
+
+def shown(run: Path) -> dict:
+    """run_info.json, its status fields printed for docs/slurm.md (pytest -s)."""
+    run_info = info(run)
+    keys = ("slurm_job_id", "status", "attempts", "resumed_from_step", "world_size", "wall_time_s", "error")
+    print("run_info:", {k: run_info[k] for k in keys if k in run_info})
+    return run_info
 
 
 def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
@@ -135,7 +145,7 @@ def test_two_seed_sweep_completes(tmp_path, tiny_overrides):
     found = runs(sweep)
     assert sorted(found) == [1, 2]
     for task, seed in enumerate((1, 2)):
-        run_info = info(found[seed])
+        run_info = shown(found[seed])
         assert run_info["status"] == "completed" and run_info["attempts"] == 1
         job = run_info["slurm_job_id"]
         assert job.endswith(f"_{task}")  # <array>_<task>, as sacct and .submitit/ name it
@@ -143,14 +153,20 @@ def test_two_seed_sweep_completes(tmp_path, tiny_overrides):
         assert sacct(job).split("|")[1] == "COMPLETED"
 
 
-def test_two_task_job_is_one_data_parallel_run(tmp_path, tiny_overrides):
+def test_two_task_job_is_one_data_parallel_run_and_every_rank_stops_on_requeue(tmp_path, tiny_overrides):
+    """tasks_per_node=2: one run of world size 2. `scontrol requeue` mid-training: both ranks stop on their own
+    (rank 1's log has the line), the requeued job resumes the run."""
     sweep = tmp_path / "sweep"
-    code, _, err = finish(driver([*tiny_overrides, "trainer.max_steps=4", "hydra.launcher.tasks_per_node=2",
-                                  "seed=1", f"data_dir={DATA_DIR}", f"hydra.sweep.dir={sweep}"], tmp_path))
-    assert code == 0, err[-3000:]
+    proc = driver([*tiny_overrides, "trainer.max_steps=100", "trainer.save_every=5", "hydra.launcher.tasks_per_node=2",
+                   "seed=1", f"data_dir={DATA_DIR}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    wait_until(lambda: training(sweep), proc, "a checkpoint while training")
     (run,) = runs(sweep).values()
-    run_info = info(run)
-    assert run_info["status"] == "completed" and run_info["world_size"] == 2 and run_info["attempts"] == 1
+    subprocess.run(["scontrol", "requeue", info(run)["slurm_job_id"]], check=True)
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
+    run_info = shown(run)
+    assert run_info["status"] == "completed" and run_info["world_size"] == 2 and run_info["attempts"] == 2
+    assert "interrupted at step" in (run / "logs" / "rank1.log").read_text()
     assert sacct(run_info["slurm_job_id"]).split("|")[1] == "COMPLETED"
 
 
@@ -169,8 +185,9 @@ def interrupted_then_resumed(tmp_path, tiny_overrides, interrupt, extra=()) -> t
 
 def check_resumed(run: Path, outcome: str, reference) -> None:
     assert outcome.startswith("0\n"), outcome[-3000:]
-    run_info = info(run)
+    run_info = shown(run)
     assert run_info["status"] == "completed" and run_info["attempts"] == 2, run_info
+    assert sacct(run_info["slurm_job_id"]).split("|")[1] == "COMPLETED"
     assert 0 < run_info["resumed_from_step"] < 400
     same_as(run, reference)
 
@@ -211,9 +228,9 @@ def test_scancel_leaves_the_run_interrupted_with_its_wall_time(tmp_path, tiny_ov
     lines = [line for line in err.splitlines() if line.startswith("robustft: error: ")]
     assert len(lines) == 1 and lines[0].startswith(f"robustft: error: SLURM job {job} (")
     assert "interrupted at step" in lines[0] or "CANCELLED" in lines[0], lines[0]
-    run_info = info(run)
+    run_info = shown(run)
     assert run_info["status"] == "interrupted" and run_info["error"].startswith("interrupted at step")
-    assert run_info["wall_time_s"] >= run_info["train_time_s"] > 0  # the killed attempt's time is kept
+    assert run_info["wall_time_s"] > 0 and run_info["finished_at"]  # the killed attempt's time is kept
     assert sacct(job).split("|")[1].startswith("CANCELLED")
 
 
@@ -225,8 +242,10 @@ def test_sweep_with_one_bad_value_runs_the_others_and_exits_2(tmp_path, tiny_ove
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("robustft: error: ")]
     assert len(lines) == 1 and "_1 (trainer.lr=-0.001): trainer.lr=-0.001 must be >= 0; " in lines[0]
-    statuses = sorted(info(p.parent)["status"] for p in sweep.glob("*/seed=1/run_info.json"))
-    assert statuses == ["completed", "failed"]
+    jobs = {shown(p.parent)["status"]: info(p.parent)["slurm_job_id"] for p in sweep.glob("*/seed=1/run_info.json")}
+    assert sorted(jobs) == ["completed", "failed"]
+    assert sacct(jobs["completed"]).split("|")[1] == "COMPLETED"
+    assert sacct(jobs["failed"]).split("|")[1:3] == ["FAILED", "2:0"]  # the job exits 2, as a run would
 
 
 def test_request_above_the_partition_is_one_line(tmp_path, tiny_overrides):
