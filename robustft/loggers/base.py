@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from robustft.errors import UserError
 log = logging.getLogger("robustft")
 
 EXTRA = "pip install -e '.[loggers]'"
+CLOSE_TIMEOUT_S = 120
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_"}
 
 
@@ -151,8 +154,9 @@ def build(section: Mapping[str, Any] | None) -> dict[str, Tracker]:
 
 class Trackers:
     """The fan-out RunDir calls: rows are batched (flushed every `flush_rows` rows or `flush_secs` seconds,
-    and before final metrics and the end); a tracker that fails after its start is dropped with a warning,
-    since metrics.jsonl already holds the record and a network error must not end a training run."""
+    and before final metrics and the end) and sent by one background thread, in order; a tracker that fails
+    after its start is dropped with a warning, since metrics.jsonl already holds the record and a network
+    error must not end a training run."""
 
     def __init__(self, trackers: dict[str, Tracker], meta: RunMeta, state: dict[str, Any],
                  read_rows: Callable[[int, int], list[dict[str, Any]]], save_state: Callable[[dict[str, Any]], None],
@@ -163,6 +167,8 @@ class Trackers:
         self.sent = int(self.state.get("rows", 0))  # metrics.jsonl rows every tracker has
         self.buffer: list[tuple[int, dict[str, float]]] = []
         self.last_flush = time.monotonic()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def open(self, folder_of: Callable[[str], Path]) -> None:
         """Start (or continue) every tracker run; a failure here is the run's failure (a wrong URI, ...)."""
@@ -202,25 +208,50 @@ class Trackers:
             self.buffer = self.buffer[: max(0, rows - self.sent)]
 
     def flush(self) -> None:
+        """Hand the buffered rows to the sender thread; trackers.json counts them once every tracker has them."""
         if self.buffer:
-            self._each("log_rows", self.buffer)
             self.sent += len(self.buffer)
+            self._submit(self._send_rows, self.buffer, self.sent)
             self.buffer = []
-            self.state["rows"] = self.sent
-            self.save_state(self.state)
         self.last_flush = time.monotonic()
+
+    def _send_rows(self, rows: list[tuple[int, dict[str, float]]], sent: int) -> None:
+        self._each("log_rows", rows)
+        self.state["rows"] = sent
+        self.save_state(dict(self.state))
 
     def final(self, metrics: dict[str, Any]) -> None:
         self.flush()
-        self._each("log_final", numbers(metrics))
+        self._submit(self._each, "log_final", numbers(metrics))
 
     def close(self, status: str, info: Mapping[str, Any], rows: int) -> None:
-        """Forward what is left (back-filled up to `rows`, metrics.jsonl's length) and end every tracker run."""
+        """Forward what is left (back-filled up to `rows`, metrics.jsonl's length), end every tracker run and
+        wait for the sender thread (at most `CLOSE_TIMEOUT_S`: a hung server must not hold the run's exit)."""
         if rows > self.sent + len(self.buffer):
             self.buffer += [curve_point(r) for r in self.read_rows(self.sent + len(self.buffer), rows)]
         self.flush()
         tags = {**self.meta.tags, "status": status, "git_sha": str(info.get("git_sha"))}
-        self._each("close", status, tags)
+        self._submit(self._each, "close", status, tags)
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(CLOSE_TIMEOUT_S)
+            if self._worker.is_alive():
+                log.warning("trackers still sending after %d s; their runs may lack the last rows or status "
+                            "(metrics.jsonl and run_info.json have them)", CLOSE_TIMEOUT_S)
+            self._worker = None
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the sender thread, in order: a tracker's network or disk wait (an SQLite commit,
+        an HTTP request) never stalls a training step."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="robustft-trackers", daemon=True)
+            self._worker.start()
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            fn, args = task
+            fn(*args)
 
     def _each(self, method: str, *args: Any) -> None:
         for name, tracker in list(self.trackers.items()):
