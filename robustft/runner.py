@@ -93,9 +93,9 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     """Device, data (+ stresses), evaluators (checked before any training), model, method, eval splits."""
     validate(cfg)  # the CLI pre-flight ran it too; here for in-process callers and each sweep job
     tcfg, task = cfg.trainer, cfg.task
-    run.update(threads=torch.get_num_threads())  # set by the CLI (trainer.threads); in-process callers set their own
     set_seed(int(cfg.seed))
     method: Method = build_method(cfg)  # first: a wrong option fails before any data or model is loaded
+    run.update(threads=torch.get_num_threads())  # set by the CLI (trainer.threads); in-process callers set their own
     metric_name = main_metric(cfg.task)  # the task's main metric (checked against its metrics)
     device = data_parallel_device(select_device(str(tcfg.device)), tcfg.get("devices", "auto"))
     amp = autocast_dtype(device, str(tcfg.precision))

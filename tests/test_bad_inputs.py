@@ -53,11 +53,11 @@ def isolated_process_state():
     GlobalHydra.instance().clear()
 
 
-def robustft(monkeypatch, capsys, *args: str, data_dir: Path = DATA_DIR) -> tuple[int, str]:
-    """Run `robustft <args>` in-process; returns (exit code, stderr)."""
+def robustft(monkeypatch, capsys, *args: str, data_dir: Path = DATA_DIR, tiny: list[str] = TINY) -> tuple[int, str]:
+    """Run `robustft <args>` in-process on the `tiny` set-up; returns (exit code, stderr)."""
     flags = [a for a in args if a.startswith("-")]  # e.g. -m: before the overrides, as argparse wants
     overrides = [a for a in args if not a.startswith("-")]
-    monkeypatch.setattr(sys, "argv", ["robustft", *flags, *TINY, f"data_dir={data_dir}", *overrides])
+    monkeypatch.setattr(sys, "argv", ["robustft", *flags, *tiny, f"data_dir={data_dir}", *overrides])
     code = 0
     try:
         cli.main()

@@ -11,14 +11,13 @@ import importlib.util
 import json
 import logging
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-from robustft import cli
 from robustft.loggers.base import RunMeta, Tracker, Trackers
-from tests.conftest import DATA_DIR, needs_data
+from tests import test_bad_inputs as bad_inputs
+from tests.conftest import needs_data
 from tests.tracker_readers import tensorboard_scalars, wandb_run
 
 # the real-run tests need the `loggers` extra (.ci/run installs it)
@@ -49,16 +48,8 @@ def isolated_process_state():
 
 
 def robustft(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run `robustft <args>` in-process on the tiny set-up; (exit code, stderr)."""
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    monkeypatch.setattr(sys, "argv", ["robustft", *flags, *TINY, f"data_dir={DATA_DIR}", *overrides])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    """Run `robustft <args>` in-process on this file's tiny set-up; (exit code, stderr)."""
+    return bad_inputs.robustft(monkeypatch, capsys, *args, tiny=TINY)
 
 
 def jsonl(path: Path) -> list[dict]:

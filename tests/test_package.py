@@ -40,6 +40,7 @@ def test_hub_path_maps_splits_and_columns(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
     monkeypatch.delenv("ROBUSTFT_DATA_DIR", raising=False)
     task = OmegaConf.load(CONF_DIR / "task" / "snli.yaml")
+    task.selection = "dev"  # the hub's own validation split (the default carve needs more than 3 rows)
     ds = data_mod.load_task(task, None, seed=0)
     assert calls == [("stanfordnlp/snli", None)]
     assert set(ds) == {"train", "validation", "test"}
