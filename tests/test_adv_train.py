@@ -143,7 +143,7 @@ def test_the_adversarial_set_is_resume_state(one_thread):  # noqa: F811
     batches = [batch_of(method, train, r) for r in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11])]
     first = method.training_step(model, batches[0])
     state = json.loads(json.dumps(method.state_dict()))  # the checkpoint stores it as JSON
-    assert state["calls"] == 1 and state["pool"] == method.pool and state["pool"]
+    assert state["calls"] == 1 and state["ranks"][0]["pool"] == method.pool and method.pool
     resumed, _, _ = setup_method(share=0.5, every_steps=2)
     resumed.load_state_dict(state)
     fresh, _, _ = setup_method(share=0.5, every_steps=2)  # no state: would generate again at its first step
@@ -154,6 +154,9 @@ def test_the_adversarial_set_is_resume_state(one_thread):  # noqa: F811
         r = resumed.training_step(model, b)
         assert a.loss.item() == r.loss.item() and method.pool == resumed.pool
     assert method.cost == resumed.cost and first.loss.isfinite()
+    cost = resumed.metrics({"cost/train_flops": 1.0})
+    assert cost["cost/adv_generation_queries"] == method.cost["queries"] > 0
+    assert cost["cost/total_flops"] == 1.0 + cost["cost/adv_generation_flops"] + cost["cost/adv_train_flops"]
     fresh.training_step(model, batches[1])
     assert fresh.cost["attacked"] > 0  # the continuation above reused the stored set instead
 

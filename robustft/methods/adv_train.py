@@ -20,7 +20,9 @@ Departures (each because of this loop's interface or what is offline):
   whole training set shuffled into the data (TextAttack `num_train_adv_examples`, `attack_epoch_interval`):
   the loop owns the data order, and per-batch generation shards itself under data parallelism (each rank
   attacks its own rows). With `every_steps=k > 1` the latest adversarial set is trained on beside each of the
-  next k batches; it is part of the method's resume state, so a resume mid-epoch continues with it.
+  next k batches; it is part of the method's resume state (every rank's, gathered), so a resume mid-epoch
+  continues with it. Each rank averages over its own clean and adversarial rows, so under data parallelism
+  the weighting is per rank (ranks can keep different numbers of successful examples).
 - `clean_batches` (micro-batches before the first generation) stands for TextAttack's `num_clean_epochs`
   (default 1): the method does not know the epoch length; set it to the batches per epoch to match.
 - A2T's sentence-encoder (SBERT cos >= 0.9), part-of-speech and embedding-distance (cos >= 0.8) constraints
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
+from robustft import distributed
 from robustft.errors import UserError
 from robustft.methods.base import Method, StepOutput, TrainContext, model_inputs
 from robustft.methods.perturb import embeds_forward, word_embeddings
@@ -179,6 +182,8 @@ class AdvTrain(Method):
     # --- generation ---------------------------------------------------------------------------------
     def generate(self, model: nn.Module, idx: Sequence[int]) -> list[dict[str, Any]]:
         """Attack a seeded `share` of the examples `idx` in eval mode; the successful adversarial examples."""
+        if not len(idx):  # a rank without rows in this micro-batch (data parallel)
+            return []
         ctx, fields = self.ctx, list(self.ctx.task.text_fields)
         rng = np.random.default_rng([ctx.seed, self.calls])
         pick = sorted(rng.choice(len(idx), max(1, round(self.share * len(idx))), replace=False).tolist())
@@ -186,7 +191,7 @@ class AdvTrain(Method):
         examples = [(tuple(raw[f][j] for f in fields), int(raw["label"][j]), int(raw["idx"][j]))
                     for j in range(len(pick))]
         target, max_length = len(fields) - 1, int(ctx.trainer.max_length)
-        scorer = BatchScorer(model, ctx.tokenizer, max_length, ctx.device, int(ctx.trainer.eval_batch_size))
+        scorer = self.make_scorer(model, max_length)
         was_training = model.training
         model.eval()
         try:
@@ -206,6 +211,11 @@ class AdvTrain(Method):
         ok = [(e[2], r) for e, r in zip(examples, results, strict=True) if r.status == SUCCEEDED]
         self.cost["succeeded"] += len(ok)
         return [{"fields": list(r.perturbed.inputs), "label": r.label, "idx": i} for i, r in ok]
+
+    def make_scorer(self, model: nn.Module, max_length: int) -> BatchScorer:
+        """The attack's predictor (scripts/bench_adv_gen.py swaps in TextAttack-style padding)."""
+        ctx = self.ctx
+        return BatchScorer(model, ctx.tokenizer, max_length, ctx.device, int(ctx.trainer.eval_batch_size))
 
     def encode(self, pool: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
         """The adversarial examples as one batch padded to its longest (dynamic padding)."""
@@ -233,26 +243,36 @@ class AdvTrain(Method):
         return StepOutput(total / n, logits.detach(), {"adv_train/n_adv": float(len(self.pool))})
 
     # --- cost and state -----------------------------------------------------------------------------
-    def generation_flops(self) -> float:
-        """2N per scored token (forward) and 4N per gradient-ranking token (forward + input gradient)."""
-        return 2.0 * self.n_params * self.cost["score_tokens"] + 4.0 * self.n_params * self.cost["grad_tokens"]
-
     def metrics(self, train_metrics: dict[str, float]) -> dict[str, float]:
-        """Generation queries and FLOPs, and the adversarial rows' training FLOPs (6N per real token)."""
-        adv_flops = 6.0 * self.n_params * self.cost["adv_tokens"]
-        gen = self.generation_flops()
-        out = {"cost/adv_generation_queries": float(self.cost["queries"]), "cost/adv_generation_flops": gen,
-               "cost/adv_train_flops": adv_flops, "adv_train/attacked": float(self.cost["attacked"]),
-               "adv_train/succeeded": float(self.cost["succeeded"])}
+        """Generation queries and FLOPs (2N per scored token, 4N per gradient-ranking token: forward + input
+        gradient) and the adversarial rows' training FLOPs (6N per real token), all summed over ranks."""
+        keys = sorted(self.cost)  # summed over ranks: each generated for its own rows
+        total = distributed.all_reduce_sum(torch.tensor([float(self.cost[k]) for k in keys], dtype=torch.float64))
+        cost = dict(zip(keys, total.tolist(), strict=True))
+        adv_flops = 6.0 * self.n_params * cost["adv_tokens"]
+        gen = 2.0 * self.n_params * cost["score_tokens"] + 4.0 * self.n_params * cost["grad_tokens"]
+        out = {"cost/adv_generation_queries": cost["queries"], "cost/adv_generation_flops": gen,
+               "cost/adv_train_flops": adv_flops, "adv_train/attacked": cost["attacked"],
+               "adv_train/succeeded": cost["succeeded"]}
         if "cost/train_flops" in train_metrics:
             out["cost/total_flops"] = float(train_metrics["cost/train_flops"]) + adv_flops + gen
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "pool": [dict(p) for p in self.pool], "cost": dict(self.cost)}
+        """Every rank's adversarial set and counters (gathered: each rank attacked its own rows)."""
+        mine = {"pool": [dict(p) for p in self.pool], "cost": dict(self.cost)}
+        return {"calls": self.calls, "ranks": distributed.all_gather_object(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's entry; under another number of processes the set is dropped (regenerated when due)."""
         self.calls = int(state.get("calls", 0))
+        ranks = state.get("ranks") or []
+        same = len(ranks) == distributed.world_size()
+        mine = ranks[distributed.rank()] if same else {}
         self.pool = [{"fields": list(p["fields"]), "label": int(p["label"]), "idx": int(p["idx"])}
-                     for p in state.get("pool", [])]
-        self.cost.update({k: int(v) for k, v in (state.get("cost") or {}).items()})
+                     for p in mine.get("pool", [])]
+        if same:
+            self.cost.update({k: int(v) for k, v in (mine.get("cost") or {}).items()})
+        elif ranks:  # the counters of all old ranks on rank 0, so the sums in `metrics` stay right
+            for k in self.cost:
+                self.cost[k] = sum(int(r["cost"][k]) for r in ranks) if distributed.rank() == 0 else 0
