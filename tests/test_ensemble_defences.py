@@ -1,5 +1,5 @@
-"""method=ranmask: the masks (how many, where), and the ensemble's prediction = the vote (or mean) of its copies,
-computed as the official wrapper does (numpy bincount / sklearn-style l2 normalisation) on the copies' logits."""
+"""method=ranmask and method=safer: the randomisation (how many positions, which, from which sets), and the ensemble's
+prediction = the vote (or mean) of its copies, computed as the official wrappers do (numpy bincount / l2 normalisation)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,68 @@ def test_training_masks_each_example_once_and_bad_options_fail():
         opts = {"mask_rate": 0.7, "min_keep": 2, "ensemble_size": 3, "ensemble_method": "votes", "predict_batch_size": 1}
         with pytest.raises(UserError):
             RanMask("ranmask", **{**opts, **bad})
+
+
+# --- SAFER: the same ensemble over randomly substituted copies ---------------------------------------------------
+
+def safer_setup(n: int = 9, how: str = "votes"):
+    import os
+    from pathlib import Path
+
+    from robustft.methods.safer import Safer
+    from robustft.models import load_model, load_tokenizer
+
+    data = Path(os.environ.get("ROBUSTFT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (data / "word_substitution" / "counterfitted_neighbors.json").exists():
+        pytest.skip("needs the data bundle's counter-fitted lists")
+    conf = Path(__file__).resolve().parent.parent / "robustft" / "conf"
+    model_cfg = OmegaConf.load(conf / "model" / "tiny_random.yaml")
+    task = OmegaConf.create({"name": "sst2", "text_fields": ["sentence"], "label_names": ["a", "b", "c"],
+                             "is_regression": False, "num_labels": 3})
+    tok = load_tokenizer(model_cfg)
+    torch.manual_seed(0)
+    model = load_model(model_cfg, task).eval()
+    m = Safer("safer", path="word_substitution/counterfitted_neighbors.json", ensemble_size=n, ensemble_method=how,
+              predict_batch_size=2)
+    ctx = TrainContext(task=task, trainer=OmegaConf.create({}), device=torch.device("cpu"), seed=11, tokenizer=tok,
+                       data_dir=data)
+    m.setup(model, ctx)
+    return m, model, tok
+
+
+def test_safer_substitutes_whole_words_from_their_sets_only(one_thread):  # noqa: F811
+    m, _, tok = safer_setup()
+    b = dict(tok(["a good movie , terrible acting and goodness"], return_tensors="pt"))
+    ids = b["input_ids"][0].tolist()
+    seen: dict[int, set[int]] = {i: set() for i in range(len(ids))}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        for i, v in enumerate(m.randomise(b, g)["input_ids"][0].tolist()):
+            seen[i].add(v)
+    vocab = tok.get_vocab()
+    for i, v in enumerate(ids):
+        allowed = set(m.sets[v, : m.sizes[v]].tolist())
+        assert seen[i] <= allowed
+        token = tok.convert_ids_to_tokens(v)
+        if token in ("good", "terrible"):  # whole words with one-token neighbours: drawn from {word} + neighbours
+            assert len(seen[i]) > 1 and v in seen[i]
+        if token in ("[CLS]", "[SEP]", ","):
+            assert seen[i] == {v}
+    if "goodness" not in vocab:  # a word split into pieces keeps its first piece
+        first = ids.index(vocab["good"], ids.index(vocab["and"]))
+        assert seen[first] == {ids[first]}
+
+
+@pytest.mark.parametrize("how", ["votes", "mean"])
+def test_safer_prediction_is_the_vote_or_mean_of_its_copies(one_thread, how):  # noqa: F811
+    m, model, tok = safer_setup(how=how)
+    model.classifier.weight.data.mul_(30)
+    b = dict(tok(["a good movie with great acting", "terrible , bad and awful"], padding=True, return_tensors="pt"))
+    out = m.predict(model, b)
+    logits = model(**m.copies(b, torch.Generator().manual_seed(11))).logits.detach().numpy().reshape(2, 9, 3)
+    if how == "votes":
+        expected = np.stack([np.bincount(np.argmax(x, -1), minlength=3) / 9 for x in logits])
+        np.testing.assert_allclose(torch.softmax(out, -1).numpy(), expected, atol=1e-6)
+    else:
+        expected = np.stack([(x / np.linalg.norm(x, axis=1, keepdims=True)).mean(0) for x in logits])
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
