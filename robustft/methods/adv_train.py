@@ -27,7 +27,9 @@ Departures (each because of this loop's interface or what is offline):
   (default 1): the method does not know the epoch length; set it to the batches per epoch to match.
 - A2T's sentence-encoder (SBERT cos >= 0.9), part-of-speech and embedding-distance (cos >= 0.8) constraints
   are not available offline; the counter-fitted lists (<= 8 neighbours, A2T takes 20 nearest) stand in for them.
-- Generation runs in eval mode with no dropout (TextAttack-A2T issue 1 reports generation in train mode).
+- Generation runs in eval mode with no dropout: TextAttack's `HuggingFaceModelWrapper.get_grad` switches the
+  model to train mode for the gradient ranking (dropout on), and TextAttack-A2T issue 1 reports adversarial
+  examples generated in train mode.
 - Inputs are scored in length-sorted, dynamically padded batches (TextAttack pads to the model's max length).
 Classification only.
 """
