@@ -167,3 +167,16 @@ def test_bad_options_are_user_errors():
     for bad in ({"share": 0.0}, {"every_steps": 0}, {"alpha": -1.0}):
         with pytest.raises(UserError):
             setup_method(**bad)
+
+
+def test_generation_bench_runs_both_ways_on_the_same_examples():
+    """scripts/bench_adv_gen.py on a tiny model: both generations make the same queries and adversarial texts."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_adv_gen.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny_random", "--examples", "4", "--pad-to", "64",
+                          "--data-dir", str(DATA)], capture_output=True, text=True, timeout=300, check=True).stdout
+    fast, slow = [line for line in out.splitlines() if " queries, " in line]
+    assert fast.split(" s, ")[1].split(" queries")[0] == slow.split(" s, ")[1].split(" queries")[0]
+    assert "same adversarial texts: True" in out and "ratio TextAttack-style / robustft:" in out
