@@ -48,6 +48,28 @@ def substitution_table(tokenizer, table: dict[str, list[str]]) -> tuple[torch.Te
     return sets, sizes
 
 
+def wordpiece_sets(ctx: TrainContext, path: str, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sets, sizes, continuation) from the neighbour lists at `path` (SAFER's and ASCC's substitution sets)."""
+    tok = ctx.tokenizer
+    vocab = tok.get_vocab() if tok is not None else {}
+    if not any(t.startswith("##") for t in vocab):
+        raise UserError(f"method={name} substitutes whole WordPiece tokens; model={getattr(tok, 'name_or_path', '?')} "
+                        f"has no '##' pieces: choose a BERT-style model (minilm, bert_base)")
+    table = load_table(str(resolve_resource(path, ctx.data_dir, "word-substitution table", "method.path")))
+    sets, sizes = substitution_table(tok, table)
+    continuation = torch.zeros(len(sizes), dtype=torch.bool)
+    continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
+    return sets, sizes, continuation
+
+
+def substitutable(batch: dict[str, torch.Tensor], sizes: torch.Tensor, continuation: torch.Tensor,
+                  special_ids: torch.Tensor) -> torch.Tensor:
+    """Last-segment tokens with a substitution set that are a whole word (the next token is no `##` piece)."""
+    ids = batch["input_ids"]
+    nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+    return last_segment(batch, special_ids) & (sizes.to(ids.device)[ids] > 1) & ~continuation.to(ids.device)[nxt]
+
+
 class Safer(RandomisedEnsemble):
     """Random word substitution in training, an ensemble over substituted copies at prediction."""
 
@@ -60,23 +82,11 @@ class Safer(RandomisedEnsemble):
         self.continuation = torch.zeros(0, dtype=torch.bool)
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
-        tok = ctx.tokenizer
-        vocab = tok.get_vocab() if tok is not None else {}
-        if not any(t.startswith("##") for t in vocab):
-            raise UserError(f"method={self.name} substitutes whole WordPiece tokens; model={getattr(tok, 'name_or_path', '?')} "
-                            f"has no '##' pieces: choose a BERT-style model (minilm, bert_base)")
-        table = load_table(str(resolve_resource(self.path, ctx.data_dir, "word-substitution table", "method.path")))
-        self.sets, self.sizes = substitution_table(tok, table)
-        self.continuation = torch.zeros(len(self.sizes), dtype=torch.bool)
-        self.continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
+        self.sets, self.sizes, self.continuation = wordpiece_sets(ctx, self.path, self.name)
         return super().setup(model, ctx)
 
     def substitutable(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last-segment tokens with a perturbation set that are a whole word (the next token is no `##` piece)."""
-        ids = batch["input_ids"]
-        nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
-        return last_segment(batch, self.special_ids) & (self.sizes.to(ids.device)[ids] > 1) \
-            & ~self.continuation.to(ids.device)[nxt]
+        return substitutable(batch, self.sizes, self.continuation, self.special_ids)
 
     def randomise(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Each substitutable token replaced by a uniform draw from its set (itself included)."""
