@@ -64,8 +64,9 @@ class ASCC(Method):
         return super().setup(model, ctx)
 
     def flops_factor(self) -> float:
-        """attack_steps forward + input-gradient passes, the clean and the adversarial forward + backward."""
-        return 2.0 + 2 * self.attack_steps / 3
+        """The attack's target forward (1/3), K forward + input-gradient passes (2K/3), then the clean and the
+        adversarial forward + backward (2)."""
+        return 2.0 + (1 + 2 * self.attack_steps) / 3
 
     def synonyms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, S) substitute ids (slot 0 = the token itself) and which are valid."""
