@@ -56,10 +56,10 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "pgd": (["method=pgd"], None),  # K=2; flops_factor 7/3
     "tavat": (["method=tavat"], None),  # K=2; flops_factor 2
     "infobert": (["method=infobert"], None),  # K=3; flops_factor 4
-    "adv_train": (["method=adv_train"], None),
+    "adv_train": (["method=adv_train"], None),  # A2T: attacks 20% of the batch each step; flops_factor 1 + cost/*
     "ranmask": (["method=ranmask"], None),  # training: one masked forward + backward (1); prediction: 100 copies
-    "safer": (["method=safer"], None),
-    "ascc": (["method=ascc"], None),  # 10 attack steps; flops_factor 2 + (1 + 2K)/3 = 9  # training: one substituted forward + backward (1); prediction: 100 copies  # A2T: attacks 20% of the batch each step; flops_factor 1 + cost/*
+    "safer": (["method=safer"], None),  # training: one substituted forward + backward (1); prediction: 100 copies
+    "ascc": (["method=ascc"], None),  # 10 attack steps; flops_factor 2 + (1 + 2K)/3 = 9
     "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
     "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
     "r_drop": (["method=r_drop"], 2.05),
