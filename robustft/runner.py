@@ -108,7 +108,8 @@ def set_up(cfg: DictConfig, run: RunDir) -> tuple[Setup, list]:
     model = load_model(cfg.model, task, ckpt_path=init_from)
     check_max_length(tokenizer, task, int(tcfg.max_length), model)
     models.check_vocabulary(tokenizer, model, f"checkpoint {init_from}" if init_from else f"model={cfg.model.name}")
-    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
+    ctx = TrainContext(task=task, trainer=tcfg, device=device, seed=int(cfg.seed), tokenizer=tokenizer,
+                       data_dir=resolve_data_dir(cfg.data_dir))
     model = method.setup(model, ctx).to(device)
     eval_split = str(tcfg.get("eval_split") or "validation")
     if eval_split != "validation":  # early stopping / best checkpoint on an OOD set (e.g. FTFT's OOD dev)

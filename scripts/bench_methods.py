@@ -56,12 +56,17 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "pgd": (["method=pgd"], None),  # K=2; flops_factor 7/3
     "tavat": (["method=tavat"], None),  # K=2; flops_factor 2
     "infobert": (["method=infobert"], None),  # K=3; flops_factor 4
+    "adv_train": (["method=adv_train"], None),  # A2T: attacks 20% of the batch each step; flops_factor 1 + cost/*
+    "ranmask": (["method=ranmask"], None),  # training: one masked forward + backward (1); prediction: 100 copies
+    "safer": (["method=safer"], None),  # training: one substituted forward + backward (1); prediction: 100 copies
+    "ascc": (["method=ascc"], None),  # 10 attack steps; flops_factor 2 + (1 + 2K)/3 = 9
     "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
     "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
     "r_drop": (["method=r_drop"], 2.05),
     "mixout": (["method=mixout"], 1.3),
     "rec_adam": (["method=rec_adam"], 1.05),
 }
+NEEDS_TEXT = {"adv_train"}  # arms whose method reads the raw training texts (`Method.train_data`)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +101,8 @@ def compose_cfg(overrides: list[str]):
 class Arm:
     """One method with its own model copy, optimizer and scheduler, stepping on the fixed batch."""
 
-    def __init__(self, name: str, cfg, base_model, batch, device, amp, tokenizer=None, train=None) -> None:
+    def __init__(self, name: str, cfg, base_model, batch, device, amp, tokenizer=None, train=None,
+                 raw=None) -> None:
         from hydra.utils import instantiate
         from transformers import get_linear_schedule_with_warmup
 
@@ -107,9 +113,12 @@ class Arm:
         method = instantiate(cfg.method)
         if cfg.get("selector") and cfg.selector.get("_target_"):
             method = instantiate(cfg.selector, inner=method)
-        ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=int(cfg.seed), tokenizer=tokenizer)
+        ctx = TrainContext(task=cfg.task, trainer=cfg.trainer, device=device, seed=int(cfg.seed), tokenizer=tokenizer,
+                           data_dir=Path(cfg.data_dir))
         self.method = method
         self.model = method.setup(copy.deepcopy(base_model), ctx).to(device).train()
+        if raw is not None and name in NEEDS_TEXT:  # attacks in the loop read the batch's raw texts
+            method.train_data(raw, ctx)
         self.optimizer = method.configure_optimizer(self.model, cfg.trainer)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 10, 10_000)
         self.times: list[float] = []
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     batch = to_device(collate(small, list(range(len(small))), tokenizer, cfg0.task.is_regression), device)
     base_model = load_model(cfg0.model, cfg0.task)
 
-    arms = [Arm(name, compose_cfg(common + ARMS[name][0]), base_model, batch, device, amp, tokenizer, small)
+    arms = [Arm(name, compose_cfg(common + ARMS[name][0]), base_model, batch, device, amp, tokenizer, small,
+                train.select(rows))
             for name in args.arms]
     load_before = os.getloadavg()[0]
     print(f"model={args.model} task={args.task} batch={args.batch_size}x{batch['input_ids'].shape[1]} tokens "

@@ -25,6 +25,7 @@ import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,7 @@ class TrainContext:
     device: torch.device
     seed: int
     tokenizer: Any = None
+    data_dir: Path | None = None  # resources relative to data_dir (adv_train's substitution lists)
 
 
 @dataclass

@@ -76,18 +76,21 @@ class MaxModificationRate(Constraint):
 
     TextAttack's MaxWordsPerturbed checks this after each swap; as a position filter it is the same for
     word swaps (a swap that would exceed the limit is never generated), and saves the queries.
+
+    `min_words` is TextAttack's `min_threshold` (A2T's recipe: max(ceil(0.1 n), 4) words).
     """
 
-    def __init__(self, max_rate: float | None = 0.3, max_words: int | None = None) -> None:
+    def __init__(self, max_rate: float | None = 0.3, max_words: int | None = None, min_words: int = 0) -> None:
         if max_rate is not None and not 0 < float(max_rate) <= 1:
             raise ValueError("max_rate must be in (0, 1]")
         self.max_rate = None if max_rate is None else float(max_rate)
         self.max_words = None if max_words is None else int(max_words)
+        self.min_words = int(min_words)
 
     def limit(self, n_words: int) -> int:
         lim = n_words
         if self.max_rate is not None:
-            lim = min(lim, math.ceil(self.max_rate * n_words))
+            lim = min(lim, max(math.ceil(self.max_rate * n_words), self.min_words))
         if self.max_words is not None:
             lim = min(lim, self.max_words)
         return lim
