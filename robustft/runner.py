@@ -279,7 +279,7 @@ def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
     if cfg.train or init_from is None:
         return None
     split_seed, recorded = trained_split(init_from, str(cfg.task.name))
-    mode = "carve" if recorded is not None else trained_selection(init_from)
+    mode = "carve" if recorded is not None else trained_selection(init_from, str(cfg.task.name))
     if mode is not None and mode != selection_mode(cfg.task):
         log.info("task.selection=%s -> %s, the selection of the run that trained %s", selection_mode(cfg.task), mode,
                  init_from)
@@ -293,13 +293,15 @@ def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
     return recorded
 
 
-def trained_selection(ckpt_path: str) -> str | None:
+def trained_selection(ckpt_path: str, task: str) -> str | None:
     """task.selection (dev | carve) recorded by the run that trained `ckpt_path` (a run dir or its
-    checkpoints/<name>), or None (a bare checkpoint, or a run from before task.selection)."""
+    checkpoints/<name>) on `task`, or None (a bare checkpoint, a run from before task.selection, or a run of
+    another task: its selection says nothing about this task's splits)."""
     path = Path(ckpt_path)
     for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
         if (run / "run_info.json").is_file():
-            return json.loads((run / "run_info.json").read_text()).get("selection")
+            info = json.loads((run / "run_info.json").read_text())
+            return info.get("selection") if info.get("task") in (None, task) else None
     return None
 
 
