@@ -306,7 +306,7 @@ def main() -> None:
              "sweep with hydra/launcher=slurm hydra.launcher.tasks_per_node=N (each job data-parallel)")
     if not info_only:
         preflight([a for a in args if not a.startswith("-")])
-    if processes() > 1:  # torchrun: one run across the processes (README "Multi-GPU and multi-node")
+    if processes() > 1:  # torchrun: one run across the processes (docs/multi_gpu.md)
         from robustft import distributed
         from robustft.launch import agree_on_run_dir
 

@@ -5,7 +5,7 @@ trains (robustft/loop.py), evaluates the best checkpoint on every held-out split
 evaluators. Each stage runs in `lifecycle` (robustft/rundir.py), the same status handling in run_info.json as a run.
 Everything the parts return is written into the run directory by `RunDir` (robustft/rundir.py).
 
-Data-parallel (README "Multi-GPU and multi-node"): every rank runs all of `fit` (training, the final
+Data-parallel (docs/multi_gpu.md): every rank runs all of `fit` (training, the final
 evaluation, the evaluators, the stresses, a RunStage's run), each sharding the work; only rank 0's
 `RunDir` writes. Decisions about files (reuse a cached stage, discard a stale one) are rank 0's, broadcast.
 """

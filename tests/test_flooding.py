@@ -1,4 +1,4 @@
-"""method=flooding, the README's worked example of adding a method: the formula on hand-computed numbers,
+"""method=flooding, the worked example of adding a method (docs/adding_a_method.md): the formula on hand-computed numbers,
 level 0 = vanilla bit for bit, and a real run through the runner."""
 
 from __future__ import annotations
