@@ -15,14 +15,11 @@ import contextlib
 import errno
 import json
 import os
-import platform
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +28,8 @@ if TYPE_CHECKING:
 
 from robustft import distributed
 from robustft.errors import Interrupted, UserError
+from robustft.provenance import git_sha, slurm_job_id, versions
 
-PACKAGES = ["robustft", "torch", "transformers", "datasets", "evaluate", "hydra-core", "safetensors", "numpy"]
 MIN_FREE_BYTES = 16 << 20  # below this a run cannot write even its config and first log lines: "disk full"
 # OSErrors that mean "this place cannot be written" (the user's fix), as opposed to a bug
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
@@ -98,39 +95,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def git_sha() -> str | None:
-    """The commit of the robustft source tree, with '-dirty' when it has uncommitted changes."""
-    src = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def slurm_job_id() -> str | None:
-    """The id `squeue`, `sacct` and the `.submitit/` folders use: `<array job id>_<task>` for an array task."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class RunDir:
@@ -424,23 +388,3 @@ def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator
         run.finish("failed", f"{type(e).__name__}: {e}")
         raise
     run.finish("completed")
-
-
-def trained_split(ckpt_path: str | Path, task: str) -> tuple[int | None, dict[str, Any] | None]:
-    """(split seed, dev_split record) of the run that trained the checkpoint at `ckpt_path`, if known.
-
-    `ckpt_path` is a run dir or its checkpoints/<name>. A run from before task.split_seed carved with its
-    run seed, so that seed is its split seed. (None, None) for another task's run or a bare checkpoint.
-    """
-    path = Path(ckpt_path)
-    for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
-        if (run / "run_info.json").is_file():
-            info = json.loads((run / "run_info.json").read_text())
-            if info.get("task") not in (None, task):
-                return None, None
-            split = info.get("dev_split")
-            if split is not None and split.get("task") == task:
-                return int(split["split_seed"]), split
-            seed = info.get("split_seed", info.get("seed"))
-            return (None if seed is None else int(seed)), None
-    return None, None

@@ -35,8 +35,9 @@ from robustft.metrics import main_metric
 from robustft.models import checkpoint_dir_ok, count_params, load_model, load_tokenizer, no_checkpoint_error
 from robustft.ood_sets import dev_split
 from robustft.predict import Predictor, evaluate, prediction_rows
+from robustft.provenance import trained_selection, trained_split
 from robustft.robustness.base import build_evaluators, run_evaluators
-from robustft.rundir import RunDir, lifecycle, trained_split
+from robustft.rundir import RunDir, lifecycle
 from robustft.runtime import autocast_dtype, select_device
 from robustft.splits import held_out_split, selection_mode, split_records
 from robustft.stages import ModelStage, RunStage, StageResult, file_lock, is_complete, stage_config, stage_key
@@ -291,18 +292,6 @@ def reuse_trained_split(cfg: DictConfig, init_from: str | None) -> dict | None:
         with open_dict(cfg.task):
             cfg.task.split_seed = split_seed
     return recorded
-
-
-def trained_selection(ckpt_path: str, task: str) -> str | None:
-    """task.selection (dev | carve) recorded by the run that trained `ckpt_path` (a run dir or its
-    checkpoints/<name>) on `task`, or None (a bare checkpoint, a run from before task.selection, or a run of
-    another task: its selection says nothing about this task's splits)."""
-    path = Path(ckpt_path)
-    for run in (path, path.parent.parent) if path.parent.name == "checkpoints" else (path,):
-        if (run / "run_info.json").is_file():
-            info = json.loads((run / "run_info.json").read_text())
-            return info.get("selection") if info.get("task") in (None, task) else None
-    return None
 
 
 def resolve_ckpt_path(path: str | None) -> str | None:

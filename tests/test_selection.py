@@ -178,7 +178,7 @@ def test_attacks_score_a_fixed_sample_of_the_held_out_split_and_record_their_pro
 def test_train_false_adopts_the_selection_only_of_a_run_of_the_same_task(tmp_path):
     """A run of another task says nothing about this task's splits: evaluating an SST-2 run (selection=dev)
     on SNLI must not force SNLI onto a dev set the local bundle lacks (the label check then names the mismatch)."""
-    from robustft.runner import trained_selection
+    from robustft.provenance import trained_selection
 
     (tmp_path / "run_info.json").write_text(json.dumps({"task": "sst2", "selection": "dev"}))
     assert trained_selection(str(tmp_path), "sst2") == "dev"

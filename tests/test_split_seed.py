@@ -14,7 +14,8 @@ import robustft.runner
 from robustft.cli import CONF_DIR
 from robustft.data import load_task
 from robustft.errors import UserError
-from robustft.rundir import RunDir, trained_split
+from robustft.provenance import trained_split
+from robustft.rundir import RunDir
 from robustft.runner import fit
 from tests.conftest import make_cfg
 from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
