@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import logging
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from robustft.loggers.base import RunMeta, Tracker, Trackers
 from tests import test_bad_inputs as bad_inputs
 from tests.conftest import needs_data
+from tests.test_bad_inputs import isolated_process_state  # noqa: F401  (autouse: cli.main's process state put back)
 from tests.tracker_readers import tensorboard_scalars, wandb_run
 
 # the real-run tests need the `loggers` extra (.ci/run installs it)
@@ -27,24 +26,6 @@ needs_trackers = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for 
 TINY = ["model=tiny_random", "task=sst2", "task.max_train_samples=64", "task.max_eval_samples=32",
         "trainer.epochs=2", "trainer.batch_size=8", "trainer.eval_every=4", "trainer.log_every=2",
         "trainer.save_every=3", "trainer.precision=fp32", "trainer.max_length=32"]
-
-
-@pytest.fixture(autouse=True)
-def isolated_process_state():
-    """cli.main configures logging (Hydra), a SIGTERM handler and Hydra's globals: put them back."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loggers = [logging.getLogger(), logging.getLogger("hydra")]
-    saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    for lg, handlers, level in saved:
-        for h in lg.handlers:
-            if h not in handlers:
-                h.close()
-        lg.handlers[:], lg.level = handlers, level
-    signal.signal(signal.SIGTERM, sigterm)
-    GlobalHydra.instance().clear()
 
 
 def robustft(monkeypatch, capsys, *args: str) -> tuple[int, str]:
