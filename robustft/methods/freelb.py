@@ -54,6 +54,19 @@ EXAMPLE = (1, 2)  # norms per example: over tokens and hidden units
 NORM_TYPES = {"l2": "l2", "linf": "inf"}
 
 
+def set_ascent_options(method: object, adv_steps: int, adv_lr: float, adv_init_mag: float, adv_max_norm: float,
+                       norm_type: str, steps_why: str) -> None:
+    """Check and set the options of a K-step ascent on a word-embedding ball (FreeLB, PGD-K, InfoBERT): one place
+    for the checks they share; `steps_why` ends the adv_steps message (each method's own reason)."""
+    check_nonnegative(adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
+    if int(adv_steps) < 1:
+        raise UserError(f"method.adv_steps={adv_steps} must be >= 1 ({steps_why})")
+    if norm_type not in NORM_TYPES:
+        raise UserError(f"method.norm_type={norm_type!r}: choose l2 or linf")
+    method.adv_steps, method.adv_lr = int(adv_steps), float(adv_lr)
+    method.adv_init_mag, method.adv_max_norm, method.norm_type = float(adv_init_mag), float(adv_max_norm), norm_type
+
+
 class _WithGrads(torch.autograd.Function):
     """Identity on `loss`; its backward also gives each of `params` the gradient `incoming * grads[i]`."""
 
@@ -94,13 +107,8 @@ class FreeLB(PerturbationMethod):
     def __init__(self, name: str, adv_steps: int, adv_lr: float, adv_init_mag: float, adv_max_norm: float,
                  norm_type: str) -> None:
         super().__init__(name)
-        check_nonnegative(adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
-        if int(adv_steps) < 1:
-            raise UserError(f"method.adv_steps={adv_steps} must be >= 1 (official: 'should be at least 1')")
-        if norm_type not in NORM_TYPES:
-            raise UserError(f"method.norm_type={norm_type!r}: choose l2 or linf")
-        self.adv_steps, self.adv_lr = int(adv_steps), float(adv_lr)
-        self.adv_init_mag, self.adv_max_norm, self.norm_type = float(adv_init_mag), float(adv_max_norm), norm_type
+        set_ascent_options(self, adv_steps, adv_lr, adv_init_mag, adv_max_norm, norm_type,
+                           "official: 'should be at least 1'")
         self.params: list[nn.Parameter] | None = None
         self.delta: torch.Tensor | None = None  # the last step's perturbation (logged; inspected by tests)
 

@@ -42,7 +42,7 @@ from robustft import distributed
 from robustft.checkpoint import set_torch_rng_state, torch_rng_state
 from robustft.errors import UserError
 from robustft.methods.base import StepOutput, TrainContext, adamw, decay_groups, model_inputs, task_loss
-from robustft.methods.freelb import EXAMPLE, NORM_TYPES, _WithGrads, ascent_update, init_delta
+from robustft.methods.freelb import EXAMPLE, _WithGrads, ascent_update, init_delta, set_ascent_options
 from robustft.methods.perturb import PerturbationMethod, check_nonnegative, norm, word_embeddings
 
 CRITIC_WIDTH = 300  # the official InfoNCE's `self.lower_size` (fixed there, not an option)
@@ -94,15 +94,11 @@ class InfoBERT(PerturbationMethod):
     def __init__(self, name: str, adv_steps: int, adv_lr: float, adv_init_mag: float, adv_max_norm: float,
                  norm_type: str, alpha: float, beta: float, cl: float, ch: float) -> None:
         super().__init__(name)
-        check_nonnegative(adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm, alpha=alpha, beta=beta)
-        if int(adv_steps) < 1:
-            raise UserError(f"method.adv_steps={adv_steps} must be >= 1 (1 with adv_init_mag=0: no adversary)")
-        if norm_type not in NORM_TYPES:
-            raise UserError(f"method.norm_type={norm_type!r}: choose l2 or linf")
+        set_ascent_options(self, adv_steps, adv_lr, adv_init_mag, adv_max_norm, norm_type,
+                           "1 with adv_init_mag=0: no adversary")
+        check_nonnegative(alpha=alpha, beta=beta)
         if not 0.0 <= float(cl) <= float(ch) <= 1.0:
             raise UserError(f"method.cl={cl}, method.ch={ch}: need 0 <= cl <= ch <= 1 (official 0.5, 0.9)")
-        self.adv_steps, self.adv_lr, self.adv_init_mag = int(adv_steps), float(adv_lr), float(adv_init_mag)
-        self.adv_max_norm, self.norm_type = float(adv_max_norm), norm_type
         self.alpha, self.beta, self.cl, self.ch = float(alpha), float(beta), float(cl), float(ch)
         self.critic: InfoNCE | None = None
         self.gen: torch.Generator | None = None  # the CLUB sample indices of the current micro-batch

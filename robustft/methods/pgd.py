@@ -28,12 +28,10 @@ import torch
 from torch import nn
 
 from robustft.checkpoint import set_torch_rng_state, torch_rng_state
-from robustft.errors import UserError
 from robustft.methods.base import StepOutput, task_loss
-from robustft.methods.freelb import EXAMPLE, NORM_TYPES, ascent_update, init_delta
+from robustft.methods.freelb import EXAMPLE, ascent_update, init_delta, set_ascent_options
 from robustft.methods.perturb import (
     PerturbationMethod,
-    check_nonnegative,
     embeds_forward,
     norm,
     word_embeddings,
@@ -48,13 +46,8 @@ class PGD(PerturbationMethod):
     def __init__(self, name: str, adv_steps: int, adv_lr: float, adv_init_mag: float, adv_max_norm: float,
                  norm_type: str) -> None:
         super().__init__(name)
-        check_nonnegative(adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
-        if int(adv_steps) < 1:
-            raise UserError(f"method.adv_steps={adv_steps} must be >= 1 (PGD-K takes K >= 1 ascent steps)")
-        if norm_type not in NORM_TYPES:
-            raise UserError(f"method.norm_type={norm_type!r}: choose l2 or linf")
-        self.adv_steps, self.adv_lr = int(adv_steps), float(adv_lr)
-        self.adv_init_mag, self.adv_max_norm, self.norm_type = float(adv_init_mag), float(adv_max_norm), norm_type
+        set_ascent_options(self, adv_steps, adv_lr, adv_init_mag, adv_max_norm, norm_type,
+                           "PGD-K takes K >= 1 ascent steps")
         self.delta: torch.Tensor | None = None  # the final perturbation (logged; inspected by tests)
 
     def flops_factor(self) -> float:
