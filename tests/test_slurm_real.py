@@ -215,7 +215,10 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_overr
         tmp_path, tiny_overrides, lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
     check_resumed(run, outcome, reference)
     logs = "".join(p.read_text() for p in run.parents[1].glob(".submitit/*/*_log.*"))
-    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs  # submitit's own lines
+    # submitit's own lines. Its "Requeued job" line is not asserted: `scontrol requeue` makes Slurm send the
+    # SIGTERM at once, and robustft's handler may stop the process before submitit logs it (CI, 2026-12-07);
+    # the requeue itself shows in run_info's 2 attempts and in sacct.
+    assert "Caught signal SIGUSR2" in logs and "Calling checkpoint method" in logs, logs[-3000:]
 
 
 def test_scancel_leaves_the_run_interrupted_with_its_wall_time(tmp_path, tiny_overrides):
