@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from robustft.report import cli, stats
+from robustft.report import cli, render, stats
 from robustft.report.collect import load_runs
 from robustft.report.scorecard import build
 
@@ -327,3 +327,19 @@ def test_columns_scored_on_the_selection_split_are_flagged(tree: Path) -> None:
     assert flags == {"clean": True, "advglue": False, "attack": True, "ood": False}  # dev picked the checkpoint
     md = render.to_markdown(card, "t")
     assert "| rte clean‡ |" in md and "selected on this set" in md and "$^\\ddagger$" in render.to_latex(card)
+
+
+def test_main_table_states_each_rows_tuning_budget(tree: Path, tmp_path: Path) -> None:
+    """A tuned protocol's final runs carry tuned_from (run_info); the main table gets a `tuning budget` column
+    naming each row's trials, and `untuned` for a row at its YAML defaults (issue #27)."""
+    for info_path in tree.glob("method=match_tuning*/seed=*/run_info.json"):
+        info = json.loads(info_path.read_text())
+        info["tuned_from"] = {"study": "robustft/arm=m", "trial": 3, "value": 0.8, "n_trials": 12}
+        info_path.write_text(json.dumps(info))
+    card = build(load_runs(tree))
+    assert card.budget == {"match_tuning+rose": "12 trials", "vanilla": "untuned", "rose": "untuned"}
+    header, rows = render.grid(card)
+    assert header[:2] == ["method", "tuning budget"] and len({len(r) for r in [header, *rows]}) == 1
+    assert [r[1] for r in rows] == ["untuned", "12 trials", "untuned", ""]  # the MDD row has none
+    assert "Tuning budget = " in render.legend(card)
+    assert build(load_runs(tree / "method=vanilla,selector=none")).budget == {}  # no tuned row: no column

@@ -56,15 +56,23 @@ def mdd_text(card: Scorecard, col: Column) -> str:
 
 
 def grid(card: Scorecard) -> tuple[list[str], list[list[str]]]:
+    """The main table; a `tuning budget` column after the method when some row is tuned (hydra/sweeper=optuna)."""
     header = ["method", *(column_title(c) for c in card.columns)]
     rows = [[lab, *(cell_text(card, lab, c) for c in card.columns)] for lab in card.labels]
     if card.comparisons:
         rows.append(["MDD (80% power)", *(mdd_text(card, c) for c in card.columns)])
+    if card.budget:
+        header.insert(1, "tuning budget")
+        for row in rows:
+            row.insert(1, card.budget.get(row[0], ""))
     return header, rows
 
 
 def legend(card: Scorecard) -> str:
     std = "std = sample standard deviation over seeds (ddof=1)."
+    if card.budget:
+        std += (" Tuning budget = the hyperparameter trials the row's setting was chosen from on the selection "
+                "split (hydra/sweeper=optuna, docs/tuning.md); untuned = the method's YAML defaults.")
     selected = (f" {SELECTED} = selected on this set: scored on the split that chose the checkpoint (and early "
                 "stopping), so it is optimistic." if any(c.selected for c in card.columns) else "")
     if not card.baseline:

@@ -59,6 +59,7 @@ class Scorecard:
     majority: dict[str, float] = field(default_factory=dict)   # task -> majority-class rate of its clean split
     collapsed: set[tuple[str, str]] = field(default_factory=set)  # (label, task) with a collapsed run
     footer: list[str] = field(default_factory=list)            # attack parameters the runs recorded
+    budget: dict[str, str] = field(default_factory=dict)       # label -> tuning budget, when a row is tuned
 
     def cell(self, label: str, column: Column) -> dict[tuple[str, Any], float]:
         return self.values.get(label, {}).get(column.key, {})
@@ -223,6 +224,7 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     _mark_collapsed(card, runs, label_of)
     card.footer = attack_footer(runs, sorted({c.metric.removesuffix(ATTACK_SUFFIX) for c in columns
                                               if c.kind == "attack"}))
+    card.budget = tuning_budget(runs, label_of)
     if baseline:
         _compare_all(card)
         _relative_cost(card, runs, label_of, tasks)
@@ -309,6 +311,20 @@ def _relative_cost(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[i
                 card.relative_cost.setdefault(lab, {})[task] = float(np.mean(costs[(lab, task)]) / np.mean(base))
         if any(task in card.relative_cost.get(lab, {}) for lab in card.labels):
             card.columns.append(Column(f"{task}|{COST_KEY}", f"{task} cost", task, COST_KEY, "cost"))
+
+
+def tuning_budget(runs: list[dict[str, Any]], label_of: dict[int, str]) -> dict[str, str]:
+    """label -> `12 trials` (a tuned protocol's final runs: the trials its arm's search ran, run_info
+    `tuned_from.n_trials`) or `untuned` (the YAML defaults). Empty when no row is tuned: a comparison of tuned
+    against untuned arms, or of different budgets, must say so in its main table (Dodge et al. 2019)."""
+    trials: dict[str, set] = defaultdict(set)
+    for i, r in enumerate(runs):
+        tuned = r["info"].get("tuned_from")
+        trials[label_of[i]].add(tuned.get("n_trials") if isinstance(tuned, dict) else None)
+    if all(ns == {None} for ns in trials.values()):
+        return {}
+    return {lab: ", ".join("untuned" if n is None else f"{n} trials" for n in sorted(ns, key=lambda n: (n is None, n or 0)))
+            for lab, ns in trials.items()}
 
 
 def _row_key(label: str, parts: dict[int, tuple[str, str]], baseline: str | None) -> tuple:
