@@ -321,6 +321,10 @@ def main() -> None:
     FAILED_JOBS.clear()
     try:
         _hydra_main()
+    except ValueError as e:  # Hydra's own check of its mode flags (-m with --cfg, ...), raised before any run
+        if not str(e).startswith("Only one of"):
+            raise
+        fail(f"{e}; drop the others (print a run's config without -m: robustft ... --cfg job)")
     finally:
         if "robustft.distributed" in sys.modules:
             sys.modules["robustft.distributed"].destroy()

@@ -161,6 +161,13 @@ def test_output_dir_under_a_file(tmp_path, monkeypatch, capsys):
     assert f"{tmp_path / 'file'} is a file" in line
 
 
+def test_two_hydra_modes_at_once(tmp_path, monkeypatch, capsys):
+    """`-m ... --cfg job` (Hydra raises a ValueError before any run) is one line, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    one_error_line(*robustft(monkeypatch, capsys, "-m", "--cfg=job"), "Only one of", "--cfg job")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_dir_read_only(tmp_path, monkeypatch, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -17,13 +17,14 @@ from robustft.validate import validate
 from tests.conftest import make_cfg, needs_data
 
 PAPERS = ["match_tuning_ijcai22", "rose_emnlp22", "weight_mixup_naacl24", "ftft_coling25"]
-RECIPES = [*PAPERS, *(f"{p}_minilm" for p in PAPERS)]
+RECIPES = [*PAPERS, *(f"{p}_minilm" for p in PAPERS), "baselines_sst2_minilm", "defences_sst2_minilm"]
 # (runs in the grid, the model) of each recipe
 GRIDS = {
     "rose_emnlp22": (4 * 4 * 5, "roberta_base"), "rose_emnlp22_minilm": (4 * 1 * 5, "minilm"),
     "match_tuning_ijcai22": (4 * 3 * 5, "bert_large_cased"), "match_tuning_ijcai22_minilm": (4 * 1 * 5, "minilm"),
     "weight_mixup_naacl24": (8 * 3 * 3 * 5, "bert_large_cased"), "weight_mixup_naacl24_minilm": (8 * 3 * 1 * 5, "minilm"),
     "ftft_coling25": (4 * 4, "deberta_v3_large"), "ftft_coling25_minilm": (4 * 5, "minilm"),
+    "baselines_sst2_minilm": (9 * 10, "minilm"), "defences_sst2_minilm": (10 * 5, "minilm"),
 }
 
 
@@ -92,6 +93,7 @@ TWO_STEPS = {
                                     "method.folds=2", "method.stage1.epochs=1"],
     "ftft_coling25_minilm": ["arm=ftft_coling25_minilm_l2", "robustness.ood.max_examples=16",
                              "method.reference.model=tiny_random", "method.reference.model_overrides={}"],
+    "defences_sst2_minilm": ["arm=safer_8votes", *(f"robustness.{a}.num_examples=4" for a in ("textfooler", "pwws", "typo"))],
 }
 
 
