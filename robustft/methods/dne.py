@@ -38,6 +38,7 @@ Departures:
 - One loss goes back to the loop: the first K losses' parameter gradients are taken with `torch.autograd.grad` and
   added in the loop's backward (freelb.py's `_WithGrads`), the same sum as the official's K + 1 backward calls,
   also under gradient accumulation and data parallelism. Dropout is redrawn at every forward, as the official.
+  The logits handed to the loop (training dynamics) are the sampled point's (k = 0).
 - Validation runs the ensemble too (the official's dev evaluation during training takes one draw per example); the
   ensemble's draws are seeded with the run seed at every `predict` call (ensemble.py). Classification only.
 """
@@ -146,7 +147,7 @@ class DNE(RandomisedEnsemble):
         first = torch.arange(valid.shape[-1], device=ids.device) < self.first.to(ids.device)[ids].unsqueeze(-1)
         conc = torch.full(valid.shape, self.dir_alpha * self.dir_decay, device=ids.device).masked_fill(first,
                                                                                                        self.dir_alpha)
-        g = torch.distributions.Gamma(conc, torch.ones_like(conc)).sample() * valid
+        g = torch.distributions.Gamma(conc, torch.ones_like(conc), validate_args=False).sample() * valid  # no sync
         g[..., 0] += g.sum(-1) == 0  # every gamma draw underflowed (tiny dir_alpha): the word itself
         return g / g.sum(-1, keepdim=True)
 
