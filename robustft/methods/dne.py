@@ -20,8 +20,10 @@ Defaults: TextDefender's `trainer/dne.py` (`--dir_alpha 1.0`, `--dir_decay 0.5`,
 wrapper's dne setting (12 copies, `args.ensemble_method` 'logits' = mean of l2-normalised logits).
 
 Departures:
-- Neighbour sets: the counter-fitted lists robustft ships (the official's `nbr_file` is not in its repository;
-  the paper takes these lists' counter-fitted neighbours). Substitution acts on whole WordPiece tokens with
+- Neighbour sets: the counter-fitted lists robustft ships (Jia et al. 2019, at most 8 neighbours a word). The
+  official's `nbr_file` is not in its repository; the default commented out in `trainer/dne.py`,
+  `euc-top8-d0.7.json`, names by its file name 8 nearest neighbours within Euclidean distance 0.7, the same kind
+  of list with a bound we cannot check. Substitution acts on whole WordPiece tokens with
   one-token neighbours, in the last text field (SAFER's and ASCC's sets, robustft/methods/safer.py); the official
   treats every BERT token that has neighbours, the first sentence of a pair and word-initial pieces included.
 - Set order and weights: the official `CachedWordSearcher(second_order=True)` lists each 1-hop neighbour followed
@@ -29,7 +31,8 @@ Departures:
   then gives dir_alpha to the first 1 + (number of 1-hop neighbours) entries of that interleaved row, so some
   2-hop words get dir_alpha, some 1-hop ones dir_alpha * dir_decay and some words two slots. Here the row is the
   word, its 1-hop neighbours, then the 2-hop ones not yet in it, and dir_alpha goes to exactly the word and its
-  1-hop neighbours: the weighting the paper describes.
+  1-hop neighbours, the split the official's count (1 + the 1-hop list's length, from a separate 1-hop search)
+  is computed for.
 - Off-set slots weigh exactly 0 (logit -inf), so every virtual embedding is in the hull of its set; the official
   pads the rows with token 0 ([PAD]), whose slots keep softmax weight ~1e-6 each (log(0 + 1e-6)).
 - Dirichlet draws are fresh for every forward (torch's gamma sampler); the official draws 10,000 per set size once
