@@ -67,7 +67,7 @@ def two_hop(table: dict[str, list[str]], vocab: dict[str, int]) -> tuple[dict[st
     As the official `CachedWordSearcher`: lists filtered by the vocabulary first, 2-hop words reached through the
     filtered lists, the word itself never its own neighbour; unlike it, 1-hop words come first and no word twice.
     """
-    first = {w: [n for n in ns if n in vocab and n != w] for w, ns in table.items() if w in vocab}
+    first = {w: list(dict.fromkeys(n for n in ns if n in vocab and n != w)) for w, ns in table.items() if w in vocab}
     first = {w: ns for w, ns in first.items() if ns}
     both = {}
     for word, ns in first.items():
