@@ -60,6 +60,7 @@ ARMS: dict[str, tuple[list[str], float | None]] = {
     "ranmask": (["method=ranmask"], None),  # training: one masked forward + backward (1); prediction: 100 copies
     "safer": (["method=safer"], None),  # training: one substituted forward + backward (1); prediction: 100 copies
     "ascc": (["method=ascc"], None),  # 10 attack steps; flops_factor 2 + (1 + 2K)/3 = 9
+    "dne": (["method=dne"], None),  # 3 ascent steps, each forward + backward; flops_factor K + 1 = 4
     "child_tuning_f": (["method=vanilla", "selector=child_tuning", "selector.variant=f"], 1.05),
     "child_tuning_d": (["method=vanilla", "selector=child_tuning", "selector.variant=d"], 1.05),
     "r_drop": (["method=r_drop"], 2.05),

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(not (DATA / "word_substitution" / "counterfitted
                                 reason="needs the data bundle's counter-fitted lists")
 
 
-def setup(steps: int = 3):
+def tiny_setup(method, seed: int = 1):
+    """(model, batch): `method` set up on the tiny random BERT (MiniLM's WordPiece vocabulary) and two sentences
+    with substitutable words (ASCC's and DNE's tests)."""
     from robustft.models import load_model, load_tokenizer
 
     model_cfg = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
@@ -32,15 +34,19 @@ def setup(steps: int = 3):
     tok = load_tokenizer(model_cfg)
     torch.manual_seed(0)
     model = load_model(model_cfg, task).train()
-    m = ASCC("ascc", path="word_substitution/counterfitted_neighbors.json", beta=4.0, attack_steps=steps, w_lr=1.0,
-             w_weight_decay=2e-5, sparse_weight=15.0)
-    ctx = TrainContext(task=task, trainer=OmegaConf.create({}), device=torch.device("cpu"), seed=1, tokenizer=tok,
+    ctx = TrainContext(task=task, trainer=OmegaConf.create({}), device=torch.device("cpu"), seed=seed, tokenizer=tok,
                        data_dir=DATA)
-    m.setup(model, ctx)
+    method.setup(model, ctx)
     b = dict(tok(["a good movie with great acting", "terrible , bad and awful plot"], padding=True,
                  return_tensors="pt"))
     b["labels"] = torch.tensor([1, 0])
-    return m, model, b
+    return model, b
+
+
+def setup(steps: int = 3):
+    m = ASCC("ascc", path="word_substitution/counterfitted_neighbors.json", beta=4.0, attack_steps=steps, w_lr=1.0,
+             w_weight_decay=2e-5, sparse_weight=15.0)
+    return m, *tiny_setup(m)
 
 
 def official(model, b, syn, valid, steps, lr, wd, sparse, beta):

@@ -24,7 +24,7 @@ GRIDS = {
     "match_tuning_ijcai22": (4 * 3 * 5, "bert_large_cased"), "match_tuning_ijcai22_minilm": (4 * 1 * 5, "minilm"),
     "weight_mixup_naacl24": (8 * 3 * 3 * 5, "bert_large_cased"), "weight_mixup_naacl24_minilm": (8 * 3 * 1 * 5, "minilm"),
     "ftft_coling25": (4 * 4, "deberta_v3_large"), "ftft_coling25_minilm": (4 * 5, "minilm"),
-    "baselines_sst2_minilm": (9 * 10, "minilm"), "defences_sst2_minilm": (10 * 5, "minilm"),
+    "baselines_sst2_minilm": (9 * 10, "minilm"), "defences_sst2_minilm": (11 * 5, "minilm"),
 }
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from robustft.errors import UserError
 from robustft.methods.base import Method, StepOutput, TrainContext, task_loss
 from robustft.methods.perturb import embeds_forward
-from robustft.methods.safer import substitutable, wordpiece_sets
+from robustft.methods.safer import neighbour_slots, wordpiece_sets
 
 
 def comb_p(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +70,7 @@ class ASCC(Method):
 
     def synonyms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, S) substitute ids (slot 0 = the token itself) and which are valid."""
-        ids = batch["input_ids"]
-        sets, sizes = self.sets.to(ids.device), self.sizes.to(ids.device)
-        syn = sets[ids]
-        valid = torch.arange(syn.shape[-1], device=ids.device) < sizes[ids].unsqueeze(-1)
-        valid &= substitutable(batch, self.sizes, self.continuation, self.special_ids).unsqueeze(-1)
-        valid[..., 0] = True
-        return syn, valid
+        return neighbour_slots(batch, self.sets, self.sizes, self.continuation, self.special_ids)
 
     def attack(self, model: nn.Module, batch: dict[str, torch.Tensor], syn_embd: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor:

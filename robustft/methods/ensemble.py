@@ -76,14 +76,17 @@ class RandomisedEnsemble(Method):
             return votes.double() / self.ensemble_size
         return torch.nn.functional.normalize(per, dim=-1).mean(dim=1).double()
 
-    @torch.no_grad()
-    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def copy_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rows * n, C) logits of the seeded random copies, `predict_batch_size` inputs per forward."""
         device = batch["input_ids"].device
         inputs = self.copies(batch, torch.Generator(device=device).manual_seed(self.seed))
         step = self.predict_batch_size * self.ensemble_size
-        logits = torch.cat([model(**{k: v[s : s + step] for k, v in inputs.items()}).logits
-                            for s in range(0, inputs["input_ids"].shape[0], step)])
-        combined = self.combine(logits, batch["input_ids"].shape[0])
+        return torch.cat([model(**{k: v[s : s + step] for k, v in inputs.items()}).logits
+                          for s in range(0, inputs["input_ids"].shape[0], step)])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        combined = self.combine(self.copy_logits(model, batch), batch["input_ids"].shape[0])
         if self.ensemble_method == "votes":
             return torch.log(combined + 1e-12).float()
         return combined.float()

@@ -48,18 +48,27 @@ def substitution_table(tokenizer, table: dict[str, list[str]]) -> tuple[torch.Te
     return sets, sizes
 
 
-def wordpiece_sets(ctx: TrainContext, path: str, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sets, sizes, continuation) from the neighbour lists at `path` (SAFER's and ASCC's substitution sets)."""
+def wordpiece_table(ctx: TrainContext, path: str, name: str) -> dict[str, list[str]]:
+    """The neighbour lists at `path`, once the tokenizer is known to have `##` pieces (whole-word substitution)."""
     tok = ctx.tokenizer
     vocab = tok.get_vocab() if tok is not None else {}
     if not any(t.startswith("##") for t in vocab):
         raise UserError(f"method={name} substitutes whole WordPiece tokens; model={getattr(tok, 'name_or_path', '?')} "
                         f"has no '##' pieces: choose a BERT-style model (minilm, bert_base)")
-    table = load_table(str(resolve_resource(path, ctx.data_dir, "word-substitution table", "method.path")))
-    sets, sizes = substitution_table(tok, table)
-    continuation = torch.zeros(len(sizes), dtype=torch.bool)
-    continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
-    return sets, sizes, continuation
+    return load_table(str(resolve_resource(path, ctx.data_dir, "word-substitution table", "method.path")))
+
+
+def continuation_ids(tokenizer, size: int) -> torch.Tensor:
+    """(size,) bool: which token ids are `##` continuation pieces."""
+    continuation = torch.zeros(size, dtype=torch.bool)
+    continuation[[i for t, i in tokenizer.get_vocab().items() if t.startswith("##")]] = True
+    return continuation
+
+
+def wordpiece_sets(ctx: TrainContext, path: str, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sets, sizes, continuation) from the neighbour lists at `path` (SAFER's and ASCC's substitution sets)."""
+    sets, sizes = substitution_table(ctx.tokenizer, wordpiece_table(ctx, path, name))
+    return sets, sizes, continuation_ids(ctx.tokenizer, len(sizes))
 
 
 def substitutable(batch: dict[str, torch.Tensor], sizes: torch.Tensor, continuation: torch.Tensor,
@@ -68,6 +77,19 @@ def substitutable(batch: dict[str, torch.Tensor], sizes: torch.Tensor, continuat
     ids = batch["input_ids"]
     nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
     return last_segment(batch, special_ids) & (sizes.to(ids.device)[ids] > 1) & ~continuation.to(ids.device)[nxt]
+
+
+def neighbour_slots(batch: dict[str, torch.Tensor], sets: torch.Tensor, sizes: torch.Tensor,
+                    continuation: torch.Tensor, special_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, S) substitute ids of every position (slot 0 = the token itself) and which slots are in its set: all of
+    a `substitutable` token's set, slot 0 alone elsewhere (ASCC's and DNE's convex hulls)."""
+    ids = batch["input_ids"]
+    sets, sizes = sets.to(ids.device), sizes.to(ids.device)
+    syn = sets[ids]
+    valid = torch.arange(syn.shape[-1], device=ids.device) < sizes[ids].unsqueeze(-1)
+    valid &= substitutable(batch, sizes, continuation, special_ids).unsqueeze(-1)
+    valid[..., 0] = True
+    return syn, valid
 
 
 class Safer(RandomisedEnsemble):
