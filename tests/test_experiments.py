@@ -93,7 +93,7 @@ TWO_STEPS = {
                                     "method.folds=2", "method.stage1.epochs=1"],
     "ftft_coling25_minilm": ["arm=ftft_coling25_minilm_l2", "robustness.ood.max_examples=16",
                              "method.reference.model=tiny_random", "method.reference.model_overrides={}"],
-    "defences_sst2_minilm": ["arm=safer_8votes", *(f"robustness.{a}.num_examples=4" for a in ("textfooler", "pwws", "typo"))],
+    "defences_sst2_minilm": ["arm=dne_5points", *(f"robustness.{a}.num_examples=4" for a in ("textfooler", "pwws", "typo"))],
 }
 
 
