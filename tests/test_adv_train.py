@@ -21,7 +21,7 @@ from robustft.methods.base import TrainContext, instantiate_method
 from robustft.robustness.attack.constraints import TEXTFOOLER_STOPWORDS
 from robustft.robustness.attack.text import Words
 from robustft.robustness.attack.transformations import load_table
-from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+from tests.tiny_models import one_thread, tiny_sst2  # noqa: F401  (module fixture)
 
 CONF = Path(__file__).resolve().parent.parent / "robustft" / "conf"
 DATA = Path(os.environ.get("ROBUSTFT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -37,18 +37,11 @@ SENTENCES = ["a good and funny movie with great actors", "the film is boring , s
 
 
 def setup_method(**overrides) -> tuple[AdvTrain, torch.nn.Module, Dataset]:
-    from robustft.models import load_model, load_tokenizer
-
     node = OmegaConf.load(CONF / "method" / "adv_train.yaml")
     for k, v in overrides.items():
         OmegaConf.update(node, k, v)
     method = instantiate_method(node, "method")
-    model_cfg = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
-    task = OmegaConf.create({"name": "sst2", "text_fields": ["sentence"], "label_names": ["negative", "positive"],
-                             "is_regression": False, "num_labels": 2})
-    tok = load_tokenizer(model_cfg)
-    torch.manual_seed(0)
-    model = load_model(model_cfg, task).train()
+    model, tok, task = tiny_sst2()
     trainer = OmegaConf.create({"max_length": 64, "eval_batch_size": 32})
     ctx = TrainContext(task=task, trainer=trainer, device=torch.device("cpu"), seed=3, tokenizer=tok, data_dir=DATA)
     model = method.setup(model, ctx)

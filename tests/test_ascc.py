@@ -15,7 +15,7 @@ from torch import nn
 
 from robustft.methods.ascc import ASCC
 from robustft.methods.base import TrainContext
-from tests.tiny_models import one_thread  # noqa: F401  (module fixture)
+from tests.tiny_models import one_thread, tiny_sst2  # noqa: F401  (module fixture)
 
 DATA = Path(os.environ.get("ROBUSTFT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CONF = Path(__file__).resolve().parent.parent / "robustft" / "conf"
@@ -26,14 +26,7 @@ pytestmark = pytest.mark.skipif(not (DATA / "word_substitution" / "counterfitted
 def tiny_setup(method, seed: int = 1):
     """(model, batch): `method` set up on the tiny random BERT (MiniLM's WordPiece vocabulary) and two sentences
     with substitutable words (ASCC's and DNE's tests)."""
-    from robustft.models import load_model, load_tokenizer
-
-    model_cfg = OmegaConf.load(CONF / "model" / "tiny_random.yaml")
-    task = OmegaConf.create({"name": "sst2", "text_fields": ["sentence"], "label_names": ["a", "b"],
-                             "is_regression": False, "num_labels": 2})
-    tok = load_tokenizer(model_cfg)
-    torch.manual_seed(0)
-    model = load_model(model_cfg, task).train()
+    model, tok, task = tiny_sst2(("a", "b"))
     ctx = TrainContext(task=task, trainer=OmegaConf.create({}), device=torch.device("cpu"), seed=seed, tokenizer=tok,
                        data_dir=DATA)
     method.setup(model, ctx)

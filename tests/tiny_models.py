@@ -31,6 +31,21 @@ def tiny_model(arch: str = "bert", *, hidden: int = 8, intermediate: int = 16, l
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").to(dtype).train()
 
 
+def tiny_sst2(label_names: tuple[str, str] = ("negative", "positive")):
+    """(model in train mode, tokenizer, task node): model=tiny_random (MiniLM's WordPiece vocabulary, so the
+    counter-fitted word lists apply) as an SST-2 classifier, seeded; for the defences that read real words."""
+    from omegaconf import OmegaConf
+
+    from robustft.config import CONF_DIR
+    from robustft.models import load_model, load_tokenizer
+
+    model_cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    task = OmegaConf.create({"name": "sst2", "text_fields": ["sentence"], "label_names": list(label_names),
+                             "is_regression": False, "num_labels": 2})
+    torch.manual_seed(0)
+    return load_model(model_cfg, task).train(), load_tokenizer(model_cfg), task
+
+
 def token_batch(n: int = 6, length: int = 7, seed: int = 1, labels: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n, length), generator=g)
