@@ -99,7 +99,7 @@ def plot(arms: dict[str, dict[str, Any]], path: Path) -> None:
         ax.fill_between(n, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("trials (hyperparameter assignments)")
     ax.set_ylabel(f"expected max {metric}")
-    ax.set_title("Expected validation performance (Tang et al. 2020 estimator, ± 1 sd)")
+    ax.set_title("Expected validation performance\n(Tang et al. 2020 estimator, ± 1 sd)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
