@@ -342,4 +342,7 @@ def test_main_table_states_each_rows_tuning_budget(tree: Path, tmp_path: Path) -
     assert header[:2] == ["method", "tuning budget"] and len({len(r) for r in [header, *rows]}) == 1
     assert [r[1] for r in rows] == ["untuned", "12 trials", "untuned", ""]  # the MDD row has none
     assert "Tuning budget = " in render.legend(card)
+    render.write_csv(card, tmp_path / "r.csv")
+    with open(tmp_path / "r.csv") as f:
+        assert {r["method"]: r["tuning_budget"] for r in csv.DictReader(f)}["match_tuning+rose"] == "12 trials"
     assert build(load_runs(tree / "method=vanilla,selector=none")).budget == {}  # no tuned row: no column

@@ -174,7 +174,7 @@ def write_csv(card: Scorecard, path: Path) -> None:
     """Long format: one row per (method, column) with the cell statistics and the comparison."""
     header = ["method", "column", "kind", "task", "metric", "mean", "std", "n", "seeds", "relative_cost",
               "diff", "ci_low", "ci_high", "p_t", "p_holm", "p_wilcoxon", "pairs", "ci_excludes_0", "fragile",
-              "test", "p", "mdd", "n_examples", "mcnemar_p", "marked", "selected"]
+              "test", "p", "mdd", "n_examples", "mcnemar_p", "marked", "selected", "tuning_budget"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -191,7 +191,7 @@ def write_csv(card: Scorecard, path: Path) -> None:
                          c.test, c.p, c.mdd, c.n_examples or "", " ".join(f"{p:.4g}" for p in c.mcnemar),
                          c.significant] if c else [""] * 15)
                 writer.writerow([lab, col.title, col.kind, col.task, col.metric, _num(mean), _num(std), n or "",
-                                 seeds, _num(rel), *map(_num, comp), col.selected])
+                                 seeds, _num(rel), *map(_num, comp), col.selected, card.budget.get(lab, "")])
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
