@@ -346,3 +346,10 @@ def test_main_table_states_each_rows_tuning_budget(tree: Path, tmp_path: Path) -
     with open(tmp_path / "r.csv") as f:
         assert {r["method"]: r["tuning_budget"] for r in csv.DictReader(f)}["match_tuning+rose"] == "12 trials"
     assert build(load_runs(tree / "method=vanilla,selector=none")).budget == {}  # no tuned row: no column
+
+
+def test_seed_warning_lists_seeds_in_numeric_order() -> None:
+    """The unequal-seed-sets warning reads 1,2,...,10, not the string order 1,10,2."""
+    from robustft.report.scorecard import _seed_key
+
+    assert sorted([10, "2", 1, 3, "x"], key=_seed_key) == [1, "2", 3, 10, "x"]

@@ -338,13 +338,18 @@ def _row_key(label: str, parts: dict[int, tuple[str, str]], baseline: str | None
 # ---------------------------------------------------------------------------------------------- warnings
 
 
+def _seed_key(seed) -> tuple:
+    """Seeds in numeric order (1, 2, 10), anything that is not a number after them."""
+    return (0, int(seed), "") if str(seed).lstrip("-").isdigit() else (1, 0, str(seed))
+
+
 def seed_warnings(card: Scorecard) -> list[str]:
     """Unequal seed sets across the rows of a task, and cells with fewer than MIN_SEEDS values."""
     out = []
     for col in card.columns:
         if col.kind != "clean":
             continue
-        seeds = {lab: sorted({s for _, s in card.cell(lab, col)}, key=str) for lab in card.labels
+        seeds = {lab: sorted({s for _, s in card.cell(lab, col)}, key=_seed_key) for lab in card.labels
                  if card.cell(lab, col)}
         if len({tuple(s) for s in seeds.values()}) > 1:
             detail = "; ".join(f"{lab}: {','.join(map(str, s))}" for lab, s in seeds.items())
