@@ -270,7 +270,7 @@ def print_summary(run_dir: Any, cfg: DictConfig) -> None:
                       f"{int(n):,}" if isinstance(n, (int, float)) and n == n else "", key)
     console = Console() if sys.stdout.isatty() else Console(width=200)  # a log file: no wrapped rows
     console.print(table)
-    console.print(f"run directory: {run_dir.path.resolve()}", highlight=False, soft_wrap=True)
+    console.print(f"run directory: {run_dir.path.resolve()}", highlight=False, soft_wrap=True, markup=False)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -82,6 +82,22 @@ def test_quickstart_runs_and_prints_the_summary(tmp_path):
     assert f"run directory: {run}" in table.splitlines()[-1]
 
 
+def test_summary_prints_a_run_directory_with_brackets_verbatim(tmp_path, capsys):
+    """A sweep subdir named by a list override (`robustness=[advglue,textfooler]`) is printed as it is, not
+    read as rich markup (which dropped the bracketed part)."""
+    from types import SimpleNamespace
+
+    run = tmp_path / "robustness=[advglue,textfooler],task=sst2" / "seed=1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"validation/accuracy": 0.5}))
+    info = {"main_metric": "validation/accuracy"}
+    cfg = OmegaConf.create({"task": {"name": "sst2"}, "method": {"name": "vanilla"}, "model": {"name": "m"},
+                            "seed": 1, "robustness": {}})
+    cli.print_summary(SimpleNamespace(path=run, info=info), cfg)
+    out = capsys.readouterr().out
+    assert f"run directory: {run}" in out.replace("\n", "")
+
+
 def test_headline_rows_follow_what_each_evaluator_reports():
     metrics = {"validation/mcc": 0.5, "test/mcc": 0.4, "advglue/accuracy": 0.3, "advglue/overall": 0.31,
                "advglue/n": 148.0, "pwws/acc_under_attack": 0.1, "pwws/n": 50.0, "ood/yelp_accuracy": 0.8,
