@@ -90,6 +90,18 @@ def test_example_level_marks_and_held_out_clean_column(records_tree: Path) -> No
     assert not any("no per-example records" in w for w in card.warnings)
 
 
+def test_attack_footer_says_how_many_runs_did_not_record_a_parameter(records_tree: Path) -> None:
+    """A run that predates run_info `evaluators` (an older sample rule) must not pass for one with the same
+    sample: the footer says how many of the attack's runs recorded nothing."""
+    info_path = records_tree / "vanilla-sst2-1" / "run_info.json"
+    info = json.loads(info_path.read_text())
+    del info["evaluators"]
+    info_path.write_text(json.dumps(info))
+    (footer,) = build(load_runs(records_tree)).footer
+    assert "sample.sha256=(not recorded by 1 of 6 runs) / ab12ab12ab12" in footer
+    assert "max_queries=300," in footer  # in every run's metrics.json: nothing to say
+
+
 def test_intersection_accuracy_under_attack_hand_computed(tmp_path: Path) -> None:
     # 6 examples: vanilla right on 0-3 (both seeds), robust on 1-5: the intersection is {1, 2, 3}
     root = tmp_path / "runs"

@@ -94,23 +94,35 @@ def _protocol_params(info: Any) -> dict[str, str]:
     return out
 
 
+def _is_parameter(name: str) -> bool:
+    """An attack's metrics.json key that states a setting (n_examples, max_queries), not a result."""
+    return name not in ATTACK_RESULTS and not name.startswith("avg_") and not name.endswith(RATE_SUFFIXES)
+
+
 def attack_footer(runs: list[dict[str, Any]], attacks: list[str]) -> list[str]:
     """'textfooler: max_queries=300, n_examples=100, ...' from what the runs recorded: metrics.json keys
     that are not results, and run_info.json `evaluators.<attack>` (sample, ids hash, query budget and its
-    counting, candidates, constraints, search); a parameter that differs between runs lists all its values."""
+    counting, candidates, constraints, search); a parameter that differs between runs lists all its values, and
+    one that some of the attack's runs did not record (runs older than the record) says in how many."""
     lines = []
     for attack in attacks:
         params: dict[str, set] = {}
+        recorded: dict[str, int] = {}
+        attacked = 0
         for r in runs:
-            for key, value in r["metrics"].items():
-                name = key.removeprefix(attack + "/")
-                if (key.startswith(attack + "/") and name not in ATTACK_RESULTS and not name.startswith("avg_")
-                        and not name.endswith(RATE_SUFFIXES)):
-                    params.setdefault(name, set()).add(f"{value:g}")
+            attacked += any(key.startswith(attack + "/") for key in r["metrics"])
+            found = [(name, f"{value:g}") for key, value in r["metrics"].items()
+                     if key.startswith(attack + "/") and _is_parameter(name := key.removeprefix(attack + "/"))]
             evaluators = r["info"].get("evaluators")
             info = evaluators.get(attack) if isinstance(evaluators, dict) else r["info"].get(attack)
-            for name, text in _protocol_params(info).items():
+            found += list(_protocol_params(info).items())
+            for name, text in found:
                 params.setdefault(name, set()).add(text)
+            for name in {name for name, _ in found}:
+                recorded[name] = recorded.get(name, 0) + 1
+        for name, n in recorded.items():
+            if n < attacked:
+                params[name].add(f"(not recorded by {attacked - n} of {attacked} runs)")
         if params:
             shown = ", ".join(f"{k}={' / '.join(sorted(v))}" for k, v in sorted(params.items()))
             lines.append(f"{attack}: {shown}")
