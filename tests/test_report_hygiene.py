@@ -88,6 +88,7 @@ def test_example_level_marks_and_held_out_clean_column(records_tree: Path) -> No
                            "sample.split_seed=42, split=test"]
     assert all(r["nan_metrics"] == [] for r in load_runs(records_tree))  # max_word_rate nan: no warning
     assert not any("no per-example records" in w for w in card.warnings)
+    assert not any("attacked different samples" in w for w in card.warnings)  # one sample: no warning
 
 
 def test_attack_footer_says_how_many_runs_did_not_record_a_parameter(records_tree: Path) -> None:
@@ -97,9 +98,11 @@ def test_attack_footer_says_how_many_runs_did_not_record_a_parameter(records_tre
     info = json.loads(info_path.read_text())
     del info["evaluators"]
     info_path.write_text(json.dumps(info))
-    (footer,) = build(load_runs(records_tree)).footer
+    card = build(load_runs(records_tree))
+    (footer,) = card.footer
     assert "sample.sha256=(not recorded by 1 of 6 runs) / ab12ab12ab12" in footer
     assert "max_queries=300," in footer  # in every run's metrics.json: nothing to say
+    assert any(w.startswith("textfooler: the runs attacked different samples") for w in card.warnings)
 
 
 def test_intersection_accuracy_under_attack_hand_computed(tmp_path: Path) -> None:

@@ -99,31 +99,48 @@ def _is_parameter(name: str) -> bool:
     return name not in ATTACK_RESULTS and not name.startswith("avg_") and not name.endswith(RATE_SUFFIXES)
 
 
+def attack_params(runs: list[dict[str, Any]], attack: str) -> dict[str, set[str]]:
+    """name -> the values the attack's runs recorded: metrics.json keys that are not results, and run_info.json
+    `evaluators.<attack>` (sample, ids hash, query budget and its counting, candidates, constraints, search).
+    A parameter that some of the attack's runs did not record (runs older than the record) also holds
+    '(not recorded by k of n runs)'."""
+    params: dict[str, set[str]] = {}
+    recorded: dict[str, int] = {}
+    attacked = 0
+    for r in runs:
+        attacked += any(key.startswith(attack + "/") for key in r["metrics"])
+        found = [(name, f"{value:g}") for key, value in r["metrics"].items()
+                 if key.startswith(attack + "/") and _is_parameter(name := key.removeprefix(attack + "/"))]
+        evaluators = r["info"].get("evaluators")
+        found += list(_protocol_params(evaluators.get(attack) if isinstance(evaluators, dict)
+                                       else r["info"].get(attack)).items())
+        for name, text in found:
+            params.setdefault(name, set()).add(text)
+        for name in {name for name, _ in found}:
+            recorded[name] = recorded.get(name, 0) + 1
+    for name, n in recorded.items():
+        if n < attacked:
+            params[name].add(f"(not recorded by {attacked - n} of {attacked} runs)")
+    return params
+
+
 def attack_footer(runs: list[dict[str, Any]], attacks: list[str]) -> list[str]:
-    """'textfooler: max_queries=300, n_examples=100, ...' from what the runs recorded: metrics.json keys
-    that are not results, and run_info.json `evaluators.<attack>` (sample, ids hash, query budget and its
-    counting, candidates, constraints, search); a parameter that differs between runs lists all its values, and
-    one that some of the attack's runs did not record (runs older than the record) says in how many."""
+    """'textfooler: max_queries=300, n_examples=100, ...'; a parameter whose runs differ lists every value."""
     lines = []
     for attack in attacks:
-        params: dict[str, set] = {}
-        recorded: dict[str, int] = {}
-        attacked = 0
-        for r in runs:
-            attacked += any(key.startswith(attack + "/") for key in r["metrics"])
-            found = [(name, f"{value:g}") for key, value in r["metrics"].items()
-                     if key.startswith(attack + "/") and _is_parameter(name := key.removeprefix(attack + "/"))]
-            evaluators = r["info"].get("evaluators")
-            info = evaluators.get(attack) if isinstance(evaluators, dict) else r["info"].get(attack)
-            found += list(_protocol_params(info).items())
-            for name, text in found:
-                params.setdefault(name, set()).add(text)
-            for name in {name for name, _ in found}:
-                recorded[name] = recorded.get(name, 0) + 1
-        for name, n in recorded.items():
-            if n < attacked:
-                params[name].add(f"(not recorded by {attacked - n} of {attacked} runs)")
-        if params:
+        if params := attack_params(runs, attack):
             shown = ", ".join(f"{k}={' / '.join(sorted(v))}" for k, v in sorted(params.items()))
             lines.append(f"{attack}: {shown}")
     return lines
+
+
+def sample_warnings(runs: list[dict[str, Any]], attacks: list[str]) -> list[str]:
+    """An attack whose runs did not all score the same recorded sample: its paired comparisons pair runs by
+    seed, but not necessarily example by example."""
+    out = []
+    for attack in attacks:
+        hashes = attack_params(runs, attack).get("sample.sha256", set())
+        if len(hashes) > 1:
+            out.append(f"{attack}: the runs attacked different samples or did not record one (sample.sha256 = "
+                       f"{' / '.join(sorted(hashes))}); compare its column with care, or rerun the odd runs")
+    return out

@@ -17,7 +17,13 @@ import numpy as np
 
 from robustft.report import hygiene
 from robustft.report.collect import MISSING, ReportError, lookup
-from robustft.report.records import attack_footer, cell_records, common_correct, intersection_values
+from robustft.report.records import (
+    attack_footer,
+    cell_records,
+    common_correct,
+    intersection_values,
+    sample_warnings,
+)
 from robustft.report.stats import Comparison, compare, holm
 from robustft.report.stats_examples import compare_examples
 
@@ -222,8 +228,9 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     _pooled_advglue(card, tasks)
     _attach_records(card, runs, label_of)
     _mark_collapsed(card, runs, label_of)
-    card.footer = attack_footer(runs, sorted({c.metric.removesuffix(ATTACK_SUFFIX) for c in columns
-                                              if c.kind == "attack"}))
+    attacks = sorted({c.metric.removesuffix(ATTACK_SUFFIX) for c in columns if c.kind == "attack"})
+    card.footer = attack_footer(runs, attacks)
+    card.warnings += sample_warnings(runs, attacks)
     card.budget = tuning_budget(runs, label_of)
     if baseline:
         _compare_all(card)
@@ -338,7 +345,7 @@ def _row_key(label: str, parts: dict[int, tuple[str, str]], baseline: str | None
 # ---------------------------------------------------------------------------------------------- warnings
 
 
-def _seed_key(seed) -> tuple:
+def _seed_key(seed: object) -> tuple:
     """Seeds in numeric order (1, 2, 10), anything that is not a number after them."""
     return (0, int(seed), "") if str(seed).lstrip("-").isdigit() else (1, 0, str(seed))
 
