@@ -183,6 +183,26 @@ def test_a_collapsed_run_gets_no_robustness_mark(tmp_path: Path) -> None:
     assert any("majority-class rate" in w and "lora seed 1" in w for w in card.warnings)
 
 
+def test_a_near_constant_run_is_at_the_majority_rate_and_left_out_of_the_intersection(tmp_path: Path) -> None:
+    """PGD-K at its defaults predicted both classes and scored 0.505 on SST-2 dev: the score rule holds with
+    records too. Left in, the near-constant run would cut the intersection to one class's examples."""
+    root = tmp_path / "runs"
+    labels = np.arange(N) % 2
+    near_constant = np.ones(N, int)
+    near_constant[:2] = 0                                   # two 0s: both classes predicted, accuracy 0.5
+    for seed in (1, 2):
+        make_run(root, "vanilla", seed, np.arange(N) % 4 != 0)        # wrong on 0, 4, 8, ...: 10 of 40
+        make_run(root, "robust", seed, np.arange(N) % 8 != 1)         # wrong on 1, 9, 17, ...: 5 of 40
+        make_run(root, "pgd", seed, near_constant == labels, preds=near_constant)
+    card = build(load_runs(root))
+    assert ("pgd", "sst2") in card.collapsed and ("robust", "sst2") not in card.collapsed
+    common = next(c for c in card.columns if c.common)
+    assert common.title == "sst2 textfooler on common (25)"  # 40 - 10 - 5: pgd's 20 right answers not asked
+    assert card.cell("pgd", common) == {} and card.cell("robust", common)
+    assert any("pgd seed 1" in w and "left out of its 'on common'" in w for w in card.warnings)
+    assert "runs at the majority-class rate left out" in render.legend(card)
+
+
 def test_keep_records_copies_predictions_and_samples(records_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert cli.main([str(records_tree), "--out", str(out), "--keep-records"]) == 0

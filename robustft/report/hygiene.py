@@ -94,12 +94,13 @@ def majority_rates(runs: list[dict[str, Any]], given: dict[str, float]) -> dict[
 
 
 def collapsed(run: dict[str, Any], clean_metric: str | None, majority: float | None) -> bool:
-    """A run that predicts one class on the clean split (records), or without records scores within
-    COLLAPSE_MARGIN of the majority-class rate: its robust "gains" are the majority class, not robustness."""
+    """A run that predicts one class on the clean split (records), or scores within COLLAPSE_MARGIN of the
+    majority-class rate: its robust "gains" are the majority class, not robustness. The score rule holds with
+    records too: a run that predicts a handful of the other class (PGD-K at its defaults on minilm: 0.505
+    on SST-2 dev, two classes predicted) is as much at the majority rate as a constant one."""
     records = run.get("records", {})
-    for split in ("test", "validation"):
-        preds = records.get(split + "#preds")
-        if preds is not None:
-            return len(preds) <= 1
+    preds = next((records[s + "#preds"] for s in ("test", "validation") if s + "#preds" in records), None)
+    if preds is not None and len(preds) <= 1:
+        return True
     value = run["metrics"].get(clean_metric) if clean_metric else None
     return value is not None and majority is not None and not math.isnan(value) and value <= majority + COLLAPSE_MARGIN

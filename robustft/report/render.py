@@ -73,6 +73,10 @@ def legend(card: Scorecard) -> str:
     if card.budget:
         std += (" Tuning budget = the hyperparameter trials the row's setting was chosen from on the selection "
                 "split (hydra/sweeper=optuna, docs/tuning.md); untuned = the method's YAML defaults.")
+    common = next((c for c in card.columns if c.common), None)
+    if common:
+        std += (" 'on common (n)' = accuracy under the attack on the n examples that every run of the task "
+                "classified correctly before it (A2T's intersection), runs at the majority-class rate left out.")
     selected = (f" {SELECTED} = selected on this set: scored on the split that chose the checkpoint (and early "
                 "stopping), so it is optimistic." if any(c.selected for c in card.columns) else "")
     if not card.baseline:

@@ -226,8 +226,8 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     card = Scorecard(labels, columns, {lab: dict(v) for lab, v in values.items()}, baseline, baseline_of,
                      warnings=warns, n_runs=len(runs), majority=hygiene.majority_rates(runs, majority or {}))
     _pooled_advglue(card, tasks)
-    _attach_records(card, runs, label_of)
-    _mark_collapsed(card, runs, label_of)
+    at_majority = _mark_collapsed(card, runs, label_of)
+    _attach_records(card, runs, label_of, at_majority)
     attacks = sorted({c.metric.removesuffix(ATTACK_SUFFIX) for c in columns if c.kind == "attack"})
     card.footer = attack_footer(runs, attacks)
     card.warnings += sample_warnings(runs, attacks)
@@ -239,8 +239,12 @@ def build(runs: list[dict[str, Any]], baseline: str | None = "vanilla", label_by
     return card
 
 
-def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> None:
-    """Per-example records of each column, and an intersection column beside each attack with records."""
+def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str],
+                    at_majority: set[int]) -> None:
+    """Per-example records of each column, and an intersection column beside each attack with records.
+
+    The intersection leaves out the runs at the majority class (indices `at_majority`), which get no cell in
+    it: a constant predictor is right on one class only and would cut the set to that class's easy examples."""
     def task_of(i: int) -> str:
         return _name(runs[i], "task.name") or "?"
 
@@ -252,7 +256,8 @@ def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[
         if col.kind != "attack" or not recs:
             continue
         attack = col.metric.removesuffix(ATTACK_SUFFIX)
-        mine = [i for i in range(len(runs)) if task_of(i) == col.task and col.metric in runs[i]["metrics"]]
+        mine = [i for i in range(len(runs)) if task_of(i) == col.task and col.metric in runs[i]["metrics"]
+                and i not in at_majority]
         ids = common_correct([runs[i] for i in mine], attack)
         if ids is None:
             continue
@@ -266,19 +271,23 @@ def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[
         card.columns.insert(card.columns.index(col) + 1, common)
 
 
-def _mark_collapsed(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> None:
-    """Rows with a run at the majority class on a task: warned, and never marked on that task."""
-    names = []
+def _mark_collapsed(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> set[int]:
+    """Rows with a run at the majority class on a task: warned, and never marked on that task. Returns the
+    indices of those runs."""
+    names, found = [], set()
     for i, run in enumerate(runs):
         task = _name(run, "task.name") or "?"
         clean = next((c.metric for c in card.columns if c.task == task and c.kind == "clean"), None)
         if hygiene.collapsed(run, clean, card.majority.get(task)):
             card.collapsed.add((label_of[i], task))
+            found.add(i)
             names.append(f"{label_of[i]} seed {run['seed']}")
     if names:
         shown = ", ".join(names[:8]) + (f", ... ({len(names)} runs)" if len(names) > 8 else "")
         card.warnings.append(f"at the majority-class rate (one predicted class, or a clean score within "
-                             f"{hygiene.COLLAPSE_MARGIN:.2f} of it): {shown}; their rows are not marked on that task's robustness columns")
+                             f"{hygiene.COLLAPSE_MARGIN:.2f} of it): {shown}; their rows are not marked on that task's robustness columns, "
+                             "and these runs are left out of its 'on common' example sets")
+    return found
 
 
 def _compare_all(card: Scorecard) -> None:
