@@ -104,3 +104,14 @@ def test_the_mark_fires_with_a_known_effect() -> None:
     comp = compare_examples({("t", s): {i: i % 10 != 0 for i in range(300)} for s in range(3)},
                             {("t", s): {i: i % 3 != 0 for i in range(300)} for s in range(3)})
     assert comp.diff == pytest.approx(0.9 - 0.6667, abs=1e-3) and comp.p < 1e-6
+
+
+def test_equal_seed_differences_give_no_t_test_p() -> None:
+    """Two seeds with the same difference (+3/148 twice): scipy's t is inf and its p 0; the t-test is undefined,
+    so p is nan (shown n/a, not a test for Holm) and the row is not marked."""
+    t_test = stats.t_test
+    assert math.isnan(t_test(np.array([3 / 148, 3 / 148])))
+    assert math.isnan(t_test(np.array([0.0, 0.0, 0.0])))
+    assert t_test(np.array([0.02, 0.03])) > 0.05  # a spread: the test is defined
+    comp = stats.compare({1: 0.40, 2: 0.39}, {1: 0.38, 2: 0.37})
+    assert math.isnan(comp.p) and not comp.significant

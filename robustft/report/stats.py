@@ -95,9 +95,11 @@ def mdd(se: float, df: float, m: int = 1, alpha: float = ALPHA, power: float = P
 
 def t_test(diffs: np.ndarray) -> float:
     """Two-sided paired t-test p-value (ttest_rel of method vs baseline == one-sample t on the diffs)."""
-    if len(diffs) < 2:
+    if len(diffs) < 2 or np.ptp(diffs) <= 1e-12:
+        # equal differences (InfoBERT's 2 seeds vs vanilla on AdvGLUE: +3/148 twice): t is undefined, which
+        # scipy reports as p = 0 (t = inf) when the mean is not 0, a certainty 2 seeds do not give
         return math.nan
-    with warnings.catch_warnings():  # zero variance: scipy warns and returns nan
+    with warnings.catch_warnings():  # scipy warns on near-constant input
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(stats.ttest_rel(diffs, np.zeros_like(diffs)).pvalue)
 
