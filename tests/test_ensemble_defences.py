@@ -1,7 +1,12 @@
 """method=ranmask and method=safer: the randomisation (how many positions, which, from which sets), and the ensemble's
-prediction = the vote (or mean) of its copies, computed as the official wrappers do (numpy bincount / l2 normalisation)."""
+prediction = the vote (or mean) of its copies, computed as the official wrappers do (numpy bincount / l2 normalisation), and
+scripts/ensemble_stability.py on trained runs."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,9 @@ from omegaconf import OmegaConf
 from robustft.errors import UserError
 from robustft.methods.base import TrainContext
 from robustft.methods.ranmask import RanMask, maskable, random_mask
+from robustft.rundir import RunDir
+from robustft.runner import fit
+from tests.conftest import make_cfg, needs_data
 from tests.tiny_models import one_thread, tiny_model  # noqa: F401  (module fixture)
 
 MASK, CLS, SEP, PAD = 4, 2, 3, 0
@@ -152,3 +160,30 @@ def test_safer_prediction_is_the_vote_or_mean_of_its_copies(one_thread, how):  #
     else:
         expected = np.stack([(x / np.linalg.norm(x, axis=1, keepdims=True)).mean(0) for x in logits])
         np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+
+
+@needs_data()
+def test_ensemble_stability_script_on_trained_runs(tmp_path, tiny_overrides, capsys):
+    """scripts/ensemble_stability.py end to end: a deterministic run (vanilla) keeps every label and scores its
+    TextFooler sample as the attack's clean pass did; a ranmask run states its ensemble size; bad input is one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import ensemble_stability
+
+    over = [o for o in tiny_overrides if not o.startswith("trainer.epochs")]
+    over += ["trainer.epochs=1", "robustness=[textfooler]", "robustness.textfooler.num_examples=6"]
+    runs = []
+    for name, extra in (("vanilla", []), ("ranmask", ["method=ranmask", "method.ensemble_size=3"])):
+        cfg = make_cfg([*over, *extra])
+        fit(cfg, RunDir(tmp_path / name))
+        (tmp_path / name / ".hydra").mkdir()
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")  # as Hydra writes it
+        runs.append(str(tmp_path / name))
+    assert ensemble_stability.main([*runs, "--repeats", "3", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    samples = [json.loads(x) for x in (tmp_path / "vanilla" / "eval" / "textfooler" / "samples.jsonl").read_text().splitlines()]
+    clean = np.mean([s["original_pred"] == s["label"] for s in samples])
+    assert out[1] == f"{runs[0]} | 1 | 6 | 0.000 | " + " ".join([f"{clean:.3f}"] * 3)
+    assert out[2].startswith(f"{runs[1]} | 3 | 6 | ")
+    assert ensemble_stability.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("robustft: error:") and "has no .hydra/config.yaml" in err
