@@ -272,8 +272,7 @@ def _attach_records(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[
 
 
 def _mark_collapsed(card: Scorecard, runs: list[dict[str, Any]], label_of: dict[int, str]) -> set[int]:
-    """Rows with a run at the majority class on a task: warned, and never marked on that task. Returns the
-    indices of those runs."""
+    """Rows with a run at the majority class on a task: warned, never marked on that task; returns their indices."""
     names, found = [], set()
     for i, run in enumerate(runs):
         task = _name(run, "task.name") or "?"
