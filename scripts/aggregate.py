@@ -23,7 +23,8 @@ Default metrics
     Each run's ``main_metric`` (from ``run_info.json``) first, then, alphabetically, every key of
     ``metrics.json`` that ends in one of ``QUALITY_SUFFIXES`` (accuracy, f1, matthews_correlation,
     pearson(r), spearmanr, combined_score, overall, acc_under_attack). Losses, throughputs and costs are
-    left out unless asked for with ``--metrics``.
+    left out unless asked for with ``--metrics``; ``--metrics wall_time_s`` gives each run's whole wall time
+    from ``run_info.json`` (training, evaluation and attacks; ``cost/total_wall_s`` is the training stages').
 
 Statistics
     Mean and sample standard deviation (ddof=1) over the runs of a configuration that have the metric;
@@ -77,6 +78,15 @@ PROG = "aggregate.py"
 # -------------------------------------------------------------------------------------------- statistics
 
 
+WALL_TIME = "wall_time_s"  # run_info.json's, not a metrics.json key
+
+
+def run_value(run: dict[str, Any], metric: str) -> float | None:
+    """A metrics.json value of a run, or its run_info.json wall time for WALL_TIME; None when absent."""
+    value = run["info"].get(WALL_TIME) if metric == WALL_TIME else run["metrics"].get(metric)
+    return None if value is None else float(value)
+
+
 def summarise(
     runs: Iterable[dict[str, Any]], metrics: Sequence[str], group_by: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -88,7 +98,7 @@ def summarise(
     for items, group in group_runs(runs, group_by).items():
         stats = {}
         for metric in metrics:
-            values = [r["metrics"][metric] for r in group if metric in r["metrics"]]
+            values = [v for r in group if (v := run_value(r, metric)) is not None]
             mean, std = mean_std(values)
             stats[metric] = {"mean": mean, "std": std, "n": len(values)}
         seeds = [r["seed"] for r in group]
@@ -290,7 +300,7 @@ def aggregate(args: argparse.Namespace) -> None:
     metrics = _split_commas(args.metrics) or default_metrics(runs)
     if not metrics:
         raise AggregateError("no metric to report; pass --metrics with keys of metrics.json")
-    unknown = [m for m in metrics if not any(m in r["metrics"] for r in runs)]
+    unknown = [m for m in metrics if not any(run_value(r, m) is not None for r in runs)]
     if unknown:
         available = sorted({k for r in runs for k in r["metrics"]})
         raise AggregateError(f"metric(s) {', '.join(unknown)} in no completed run's metrics.json; "

@@ -55,7 +55,7 @@ def label_runs(predictor, texts, repeats: int, batch_size: int):
     """(repeats, n) predicted labels, repeat r scoring the texts in batches of a default_rng(r) shuffle."""
     import numpy as np
 
-    enc = predictor.tokenizer(*zip(*texts), truncation=True, max_length=predictor.max_length)
+    enc, _ = predictor.encode(texts)  # its length-sorted batches are not used: the batches here are shuffled
     out = np.empty((repeats, len(texts)), dtype=np.int64)
     for r in range(repeats):
         order = np.random.default_rng(r).permutation(len(texts))

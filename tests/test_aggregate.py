@@ -143,6 +143,14 @@ def test_summarise_by_overrides_matches_numpy(sweep: Path) -> None:
     assert aggregate.format_stat(**single) == "0.600 ± n/a (n=1)"
 
 
+def test_wall_time_comes_from_run_info(sweep: Path) -> None:
+    """`--metrics wall_time_s`: each run's whole wall time (run_info.json: 60 + seed here), which metrics.json
+    lacks; the defence report's minutes per run come from it."""
+    rows = by_config(aggregate.summarise(aggregate.load_runs(sweep), ["wall_time_s"]))
+    wall = rows["method=vanilla,task=rte"]["stats"]["wall_time_s"]
+    assert (wall["mean"], wall["n"]) == (62.0, 3) and wall["std"] == pytest.approx(1.0)
+
+
 def test_summarise_group_by_config_keys(sweep: Path) -> None:
     runs = aggregate.load_runs(sweep)
     rows = by_config(aggregate.summarise(runs, ["validation/accuracy"], ["method.name"]))
