@@ -41,6 +41,15 @@ class Signalled(Interrupted):
         super().__init__(signum, step)
         self.signum, self.step = signum, step
 
+    @classmethod
+    def unmasked(cls, error: BaseException) -> BaseException:
+        """`error`, or the pending signal when code between the handler and the loop turned the handler's
+        exception into an error of its own: transformers' `tokenizer.pad` wraps any Exception in a ValueError
+        ("Unable to create tensor"), which made a Ctrl-C during collate a failed run with a traceback."""
+        if cls.pending is None or isinstance(error, cls) or not isinstance(error, Exception):
+            return error
+        return cls(cls.pending)
+
     def __str__(self) -> str:
         import signal
 

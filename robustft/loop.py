@@ -52,10 +52,13 @@ def names_the_step(run: Any) -> Any:
     def wrapped(self: Any) -> Any:
         try:
             return run(self)
-        except Signalled as e:
-            if e.step is None:  # an inner loop (a stage's) named it first
-                e.step = self.state.step
-            raise
+        except Exception as e:
+            signalled = Signalled.unmasked(e)
+            if isinstance(signalled, Signalled) and signalled.step is None:  # an inner loop (a stage's) names it first
+                signalled.step = self.state.step
+            if signalled is e:
+                raise
+            raise signalled from e
 
     return wrapped
 

@@ -4,10 +4,14 @@ same command resumes (the resume itself: tests/test_cli.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from tests.conftest import DATA_DIR, needs_data
 from tests.test_cli import ROBUSTFT, cli_env, info
@@ -35,3 +39,51 @@ def test_sigint_during_training_is_one_line_and_resumes(tmp_path, tiny_overrides
     run_info = info(run)
     assert run_info["status"] == "interrupted" and run_info["error"].startswith("interrupted at step")
     assert run_info["wall_time_s"] > 0 and run_info["attempts"] == 1
+
+
+def masking_library() -> None:
+    """What transformers' `tokenizer.pad` does: any Exception inside becomes its own ValueError."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    except Exception as e:
+        raise ValueError("Unable to create tensor") from e
+
+
+def test_a_signal_a_library_turned_into_its_own_error_is_still_the_signal(tmp_path):
+    """The CI failure of stop 33: Ctrl-C landed inside `tokenizer.pad`, which re-raised the handler's `Signalled`
+    as a ValueError, so the run was recorded `failed` and printed a traceback instead of exit 130."""
+    from omegaconf import OmegaConf
+
+    from robustft.cli import catch_sigterm
+    from robustft.errors import Signalled
+    from robustft.loop import names_the_step
+    from robustft.rundir import RunDir, lifecycle
+
+    cfg = OmegaConf.create({"seed": 1, "task": {"name": "sst2"}, "method": {"name": "vanilla"},
+                            "model": {"name": "tiny"}})
+    run = RunDir(tmp_path / "run")
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        catch_sigterm()
+        loop = SimpleNamespace(state=SimpleNamespace(step=7))
+        with pytest.raises(Signalled) as caught, lifecycle(run, cfg):
+            names_the_step(lambda _self: masking_library())(loop)
+        assert caught.value.signum == signal.SIGINT and caught.value.step == 7
+        assert isinstance(caught.value.__cause__, ValueError)
+        assert info(run.path)["status"] == "interrupted"
+        assert info(run.path)["error"] == "interrupted at step 7 (SIGINT)"
+
+        catch_sigterm()  # outside the loop (a final evaluation): no step to name, still the signal
+        with pytest.raises(Signalled) as caught, lifecycle(run, cfg):
+            masking_library()
+        assert caught.value.step is None and info(run.path)["status"] == "interrupted"
+
+        catch_sigterm()  # no signal pending: a library's own error stays what it is
+        with pytest.raises(ValueError), lifecycle(run, cfg):
+            raise ValueError("a real error")
+        assert info(run.path)["status"] == "failed"
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+        Signalled.pending = None
