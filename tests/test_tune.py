@@ -77,6 +77,22 @@ def test_every_search_space_composes_and_names_real_options():
         tune.plan(o, ["trainer.lr=0.1", "search.trainer.lr=interval(0.1,1)"], compose)
 
 
+def test_the_command_line_replaces_a_key_of_the_sweeper_params():
+    """As in Hydra's BasicSweeper: `arm=pgd` on the command line runs that arm of a recipe whose params list
+    several (it used to be added beside the recipe's list, so a final stage ran every arm's study)."""
+    o = options(params={"method": "vanilla,r3f", "seed": "1,2,3", "trainer.epochs": "2"})
+    cells, fixed, seeds = tune.plan(o, [], compose)
+    assert [c.label for c in cells] == ["method=vanilla", "method=r3f"] and seeds == ["1", "2", "3"]
+    assert fixed == ["trainer.epochs=2"]
+    cells, fixed, seeds = tune.plan(o, ["method=r3f", "seed=4,5", "trainer.epochs=3"], compose)
+    assert [c.label for c in cells] == ["method=r3f"] and seeds == ["4", "5"]  # the search's study of r3f
+    assert fixed == ["trainer.epochs=3"] and "method.r3f_lambda" in cells[0].space
+    cells, _, seeds = tune.plan(o, ["seed=7"], compose)
+    assert len(cells) == 2 and seeds == ["7"]
+    cells, _, _ = tune.plan(o, ["method=r3f,vanilla"], compose)
+    assert [c.label for c in cells] == ["method=r3f", "method=vanilla"]
+
+
 def test_equal_interleaved_budget_and_the_seed_reproduces_the_sequence(tmp_path):
     order: list = []
     o, cells = run_search(tmp_path / "a", ["method=vanilla,r_drop"], launch=fake_launch(tmp_path / "a", log=order),

@@ -70,10 +70,26 @@ def check_options(o: Options) -> None:
         raise UserError("hydra.sweeper.objective_split=test would tune on the held-out split; use validation")
 
 
+def merge_params(recipe: tuple[dict, dict, dict], command_line: tuple[dict, dict, dict]) -> tuple[dict, dict, dict]:
+    """(space, grid, fixed) of hydra.sweeper.params and of the command line, the command line's key winning, as
+    in Hydra's BasicSweeper. A single value of a key the recipe sweeps as a grid narrows that grid: `arm=pgd`
+    is the cell `arm=pgd` (its study `robustft/arm=pgd`, the recipe's grid order kept), not a fixed override
+    added to every arm of the recipe's list, which is what it was."""
+    space, grid, fixed = (dict(kind) for kind in command_line)
+    for key in [k for k, line in fixed.items() if k in recipe[1] and not line.startswith(("~", "+"))]:
+        grid[key] = [fixed.pop(key).split("=", 1)[1]]
+    given = {*space, *grid, *fixed}
+    merged = []
+    for mine, cli in zip(recipe, (space, grid, fixed)):
+        kind = {k: cli.get(k, v) for k, v in mine.items() if k in cli or k not in given}
+        merged.append({**kind, **{k: v for k, v in cli.items() if k not in kind}})
+    return merged[0], merged[1], merged[2]
+
+
 def plan(o: Options, arguments: list[str], compose: Any) -> tuple[list[Cell], list[str], list[str]]:
     """Cells (with their spaces), fixed overrides and seeds from the sweeper params and the command line."""
-    lines = [f"{k}={v}" for k, v in (o.params or {}).items()] + list(arguments)
-    cli_space, grid, fixed = sp.classify(lines)
+    cli_space, grid, fixed = merge_params(sp.classify([f"{k}={v}" for k, v in (o.params or {}).items()]),
+                                          sp.classify(list(arguments)))
     seeds = grid.pop("seed", None) or ([fixed.pop("seed").split("=", 1)[1]] if "seed" in fixed else [])
     fixed_lines = list(fixed.values())
     cells = []
