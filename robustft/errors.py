@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 QUOTE_LIMIT = 200  # characters of user data (a header row, a label) an error line quotes
@@ -55,3 +57,15 @@ class Signalled(Interrupted):
 
         name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else self.signum
         return f"interrupted at step {self.step} ({name})" if self.step is not None else f"interrupted by {name}"
+
+
+@contextlib.contextmanager
+def signal_unmasked() -> Iterator[None]:
+    """An Exception leaving the block while a signal is pending leaves as that `Signalled` (`Signalled.unmasked`)."""
+    try:
+        yield
+    except Exception as e:
+        signalled = Signalled.unmasked(e)
+        if signalled is e:
+            raise
+        raise signalled from e

@@ -31,7 +31,7 @@ from robustft import checkpoint as ckpt
 from robustft import distributed
 from robustft.data import collate, epoch_batches
 from robustft.dynamics import TrainingDynamics
-from robustft.errors import Interrupted, Signalled, UserError
+from robustft.errors import Interrupted, Signalled, UserError, signal_unmasked
 from robustft.methods.base import LoopHandle, Method
 from robustft.models import check_safetensors_files, count_params
 from robustft.parallel import local_rows, wrap
@@ -51,14 +51,12 @@ def names_the_step(run: Any) -> Any:
     @functools.wraps(run)
     def wrapped(self: Any) -> Any:
         try:
-            return run(self)
-        except Exception as e:
-            signalled = Signalled.unmasked(e)
-            if isinstance(signalled, Signalled) and signalled.step is None:  # an inner loop (a stage's) names it first
-                signalled.step = self.state.step
-            if signalled is e:
-                raise
-            raise signalled from e
+            with signal_unmasked():  # a library may have re-raised the handler's exception as its own error
+                return run(self)
+        except Signalled as e:
+            if e.step is None:  # an inner loop (a stage's) named it first
+                e.step = self.state.step
+            raise
 
     return wrapped
 

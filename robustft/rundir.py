@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from robustft.data import DevCarve
 
 from robustft import distributed
-from robustft.errors import Interrupted, Signalled, UserError
+from robustft.errors import Interrupted, UserError, signal_unmasked
 from robustft.provenance import git_sha, slurm_job_id, versions
 
 MIN_FREE_BYTES = 16 << 20  # below this a run cannot write even its config and first log lines: "disk full"
@@ -374,13 +374,8 @@ def lifecycle(run: RunDir, cfg: Any, method_name: str | None = None) -> Iterator
         tuned = cfg.tuned_from
         run.update(tuned_from=OmegaConf.to_container(tuned) if OmegaConf.is_config(tuned) else tuned)
     try:
-        try:
+        with signal_unmasked():  # a signal that a library turned into its own error is still the signal
             yield
-        except Exception as e:  # a signal that a library turned into its own error is still the signal
-            signalled = Signalled.unmasked(e)
-            if signalled is e:
-                raise
-            raise signalled from e
     except Interrupted as e:
         run.finish("interrupted", str(e))
         raise

@@ -79,7 +79,8 @@ def test_every_search_space_composes_and_names_real_options():
 
 def test_the_command_line_replaces_a_key_of_the_sweeper_params():
     """As in Hydra's BasicSweeper: `arm=pgd` on the command line runs that arm of a recipe whose params list
-    several (it used to be added beside the recipe's list, so a final stage ran every arm's study)."""
+    several. It used to be added beside the recipe's list: a final stage asked for every arm's study, and a
+    search would have trained that arm in every study."""
     o = options(params={"method": "vanilla,r3f", "seed": "1,2,3", "trainer.epochs": "2"})
     cells, fixed, seeds = tune.plan(o, [], compose)
     assert [c.label for c in cells] == ["method=vanilla", "method=r3f"] and seeds == ["1", "2", "3"]
